@@ -1,0 +1,339 @@
+"""The character-level GPT of the lecture "Let's build GPT: from scratch, in code, spelled out".
+
+The lecture's classes, in the order it builds them:
+    Head                  one head of causal self-attention, written out (tril mask, softmax)
+    MultiHeadAttention    all heads at once: one fused q/k/v projection and
+                          F.scaled_dot_product_attention, the path that trains and samples
+    FeedForward           the per-token MLP
+    Block                 communication (attention) then computation (MLP), pre-LayerNorm,
+                          each wrapped in a residual connection
+    GPT                   token + position embeddings, n_layer Blocks, final LayerNorm, lm_head
+    BigramLanguageModel   the lecture's baseline: the next character from the current one
+
+Weights: every Linear and Embedding starts at N(0, 0.02); the two projections that write
+into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream does not
+grow with depth; lm_head starts at zero so that the loss at init is exactly ln(vocab_size)
+(the lecture's model starts at 4.87 instead of ln(65) = 4.17). The token embedding and
+lm_head are NOT tied, as in the lecture.
+
+Generation keeps a key/value cache (KVCache): the prompt is run once (prefill), then each
+new token costs one position (decode). Positions are learned for 0..block_size-1 only, so
+when the cache is full it is rebuilt from the last block_size // 2 tokens and decoding
+goes on (see GPT.generate). With kv_cache=False the lecture's loop runs instead: the whole
+context, cropped to the last block_size tokens, for every new token.
+
+This file only defines the network: no I/O, no argument parsing.
+"""
+
+import math
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+
+@dataclass
+class GPTConfig:
+    model_type: str = field(default="gpt", metadata={"help": "'gpt' (the lecture's transformer) or 'bigram' (the baseline)"})
+    block_size: int = field(default=256, metadata={"help": "context length: the most characters the model sees at once"})
+    vocab_size: int = field(default=65, metadata={"help": "number of distinct characters (taken from the data)", "derived": True})
+    n_layer: int = field(default=6, metadata={"help": "number of transformer Blocks"})
+    n_head: int = field(default=6, metadata={"help": "attention heads per Block (n_embd must divide by it)"})
+    n_embd: int = field(default=384, metadata={"help": "width of the residual stream"})
+    dropout: float = field(default=0.2, metadata={"help": "dropout on the residual branches while training"})
+    attn_dropout: float = field(default=0.0, metadata={"help": "dropout on the attention weights while training (the lecture: same as dropout)"})
+
+    def validate(self):
+        """Raise ValueError naming the flag for a config that cannot build a model."""
+        if self.model_type not in ("gpt", "bigram"):
+            raise ValueError(f"--model_type must be 'gpt' or 'bigram', got {self.model_type!r}")
+        for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
+            if getattr(self, key) < 1:
+                raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
+        if self.n_embd % self.n_head != 0:
+            raise ValueError(f"--n_embd={self.n_embd} must be divisible by --n_head={self.n_head}")
+        for key in ("dropout", "attn_dropout"):
+            if not 0.0 <= getattr(self, key) < 1.0:
+                raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
+
+
+class Head(nn.Module):
+    """One head of causal self-attention, as written in the lecture.
+
+    It is the readable reference: training uses MultiHeadAttention, and a test checks that
+    both compute the same function (see MultiHeadAttention.heads)."""
+
+    def __init__(self, n_embd, head_size, block_size, dropout=0.0):
+        super().__init__()
+        self.key = nn.Linear(n_embd, head_size, bias=False)
+        self.query = nn.Linear(n_embd, head_size, bias=False)
+        self.value = nn.Linear(n_embd, head_size, bias=False)
+        # lower-triangular ones: position t may look at positions 0..t only
+        self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
+        self.dropout = nn.Dropout(dropout)
+
+    def forward(self, x):
+        B, T, C = x.shape
+        k = self.key(x)  # (B, T, hs)
+        q = self.query(x)  # (B, T, hs)
+        # affinities, scaled so the softmax stays diffuse at init
+        wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
+        wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # (B, T, T)
+        wei = F.softmax(wei, dim=-1)  # (B, T, T)
+        wei = self.dropout(wei)
+        v = self.value(x)  # (B, T, hs)
+        return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer for generation, plus the position filled so far.
+
+    k[layer] and v[layer] are (B, n_head, block_size, head_size); positions 0..pos-1 hold data."""
+
+    def __init__(self, config, batch_size, device, dtype):
+        hs = config.n_embd // config.n_head
+        shape = (batch_size, config.n_head, config.block_size, hs)
+        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
+        self.pos = 0
+
+
+class MultiHeadAttention(nn.Module):
+    """n_head Heads side by side, computed together.
+
+    One Linear makes the queries, keys and values of every head (rows [0, C) are the
+    queries, [C, 2C) the keys, [2C, 3C) the values; head h owns rows h*hs..(h+1)*hs of
+    each), and F.scaled_dot_product_attention does the masked softmax in a fused kernel."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.n_head = config.n_head
+        self.head_size = config.n_embd // config.n_head
+        self.block_size = config.block_size
+        self.attn_dropout = config.attn_dropout
+        self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
+        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x, cache=None, layer=0):
+        B, T, C = x.shape
+        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        if cache is None:
+            out = F.scaled_dot_product_attention(
+                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
+            )  # (B, nh, T, hs)
+        else:
+            # Prefill writes the whole prompt at position 0 and needs the causal mask; a
+            # decode step adds one query that may see every cached position, so no mask.
+            pos = cache.pos
+            assert pos == 0 or T == 1, "the cache takes a prefill at 0 or one token at a time"
+            cache.k[layer][:, :, pos : pos + T] = k
+            cache.v[layer][:, :, pos : pos + T] = v
+            k = cache.k[layer][:, :, : pos + T]  # (B, nh, pos+T, hs)
+            v = cache.v[layer][:, :, : pos + T]  # (B, nh, pos+T, hs)
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0 and T > 1))  # (B, nh, T, hs)
+        out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        return self.dropout(self.proj(out))
+
+    def heads(self):
+        """The lecture's Head modules holding this layer's weights, one per head.
+
+        torch.cat([h(x) for h in heads], -1) followed by self.proj is this module's forward
+        in eval mode; the test suite checks it."""
+        C, hs = self.n_head * self.head_size, self.head_size
+        heads = []
+        for h in range(self.n_head):
+            head = Head(C, hs, self.block_size).to(self.qkv.weight.device, self.qkv.weight.dtype)
+            with torch.no_grad():
+                rows = slice(h * hs, (h + 1) * hs)
+                head.query.weight.copy_(self.qkv.weight[0 * C :][rows])
+                head.key.weight.copy_(self.qkv.weight[1 * C :][rows])
+                head.value.weight.copy_(self.qkv.weight[2 * C :][rows])
+            heads.append(head)
+        return heads
+
+
+class FeedForward(nn.Module):
+    """A linear layer, a ReLU and a projection back: each token thinks on its own."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.net = nn.Sequential(
+            nn.Linear(config.n_embd, 4 * config.n_embd),
+            nn.ReLU(),
+            nn.Linear(4 * config.n_embd, config.n_embd),
+            nn.Dropout(config.dropout),
+        )
+
+    def forward(self, x):
+        return self.net(x)
+
+
+class Block(nn.Module):
+    """Communication followed by computation, each on a LayerNormed copy added back to x."""
+
+    def __init__(self, config):
+        super().__init__()
+        self.sa = MultiHeadAttention(config)
+        self.ffwd = FeedForward(config)
+        self.ln1 = nn.LayerNorm(config.n_embd)
+        self.ln2 = nn.LayerNorm(config.n_embd)
+
+    def forward(self, x, cache=None, layer=0):
+        x = x + self.sa(self.ln1(x), cache, layer)  # (B, T, C)
+        x = x + self.ffwd(self.ln2(x))  # (B, T, C)
+        return x
+
+
+class LanguageModel(nn.Module):
+    """What GPT and BigramLanguageModel share: the loss, and generation."""
+
+    def _loss(self, logits, targets):
+        B, T, V = logits.shape
+        return F.cross_entropy(logits.reshape(B * T, V), targets.reshape(B * T))
+
+    def _check_length(self, T):
+        if T > self.config.block_size:
+            raise ValueError(f"input has {T} tokens, longer than block_size {self.config.block_size}")
+
+    @torch.no_grad()
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+        """Yield max_new_tokens next tokens, a (B,) tensor each, continuing idx (B, T).
+
+        temperature 0 picks the most likely token; top_k > 0 keeps the k most likely
+        (clamped to the vocabulary); top_p < 1 keeps the smallest set whose probability
+        reaches top_p. A seeded torch.Generator makes the draw reproducible.
+
+        With kv_cache the context window is rebuilt from the last block_size // 2 tokens
+        whenever it is full; without it, every step runs the last block_size tokens."""
+        if idx.shape[1] == 0:
+            raise ValueError("generation needs at least one token of context")
+        use_cache = kv_cache and isinstance(self, GPT)
+        cache = None
+        for _ in range(max_new_tokens):
+            if not use_cache:
+                logits = self(idx[:, -self.config.block_size :])[0][:, -1, :]  # (B, V)
+            elif cache is None or cache.pos == self.config.block_size:
+                # (re)fill the cache from the last half window (the whole prompt at first,
+                # if it fits), so positions stay inside the learned 0..block_size-1
+                keep = self.config.block_size if cache is None else self.config.block_size // 2
+                context = idx[:, -keep:]
+                cache = KVCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
+                logits = self.forward_cached(context, cache)  # (B, V)
+            else:
+                logits = self.forward_cached(idx[:, -1:], cache)  # (B, V)
+            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T+1)
+            yield idx_next
+
+
+def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
+    """One token per row of logits (B, V), as a (B,) tensor."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)  # (B,)
+    logits = logits.float() / temperature  # (B, V)
+    if top_k > 0:
+        k = min(top_k, logits.shape[-1])
+        kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
+        # ties with the k-th value stay in: which of equal tokens to drop is arbitrary
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)  # (B, V)
+    if top_p < 1.0:
+        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
+        # drop a token when the tokens before it already reach top_p; the first always stays
+        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
+        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V)
+    # multinomial draws on the CPU from the seeded generator: same seed, same text on any device
+    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)  # (B,)
+
+
+class GPT(LanguageModel):
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
+        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self._init_weights()
+
+    def _init_weights(self):
+        # the one place where initial weights are chosen (see the module docstring)
+        for module in self.modules():
+            if isinstance(module, (nn.Linear, nn.Embedding)):
+                nn.init.normal_(module.weight, mean=0.0, std=0.02)
+            if isinstance(module, nn.Linear) and module.bias is not None:
+                nn.init.zeros_(module.bias)
+        for block in self.blocks:
+            for residual_proj in (block.sa.proj, block.ffwd.net[2]):
+                nn.init.normal_(residual_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+        nn.init.zeros_(self.lm_head.weight)
+
+    def forward(self, idx, targets=None):
+        B, T = idx.shape
+        self._check_length(T)
+        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
+        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
+        x = tok_emb + pos_emb  # (B, T, C)
+        for block in self.blocks:
+            x = block(x)  # (B, T, C)
+        logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
+        loss = None if targets is None else self._loss(logits, targets)
+        return logits, loss
+
+    def forward_cached(self, idx, cache):
+        """Run idx (B, T) at positions cache.pos.. through the model, adding its keys and
+        values to the cache; return the logits of the last position, (B, vocab_size)."""
+        B, T = idx.shape
+        assert cache.pos + T <= self.config.block_size, "the cache holds block_size positions"
+        pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)
+        x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
+        for layer, block in enumerate(self.blocks):
+            x = block(x, cache, layer)  # (B, T, C)
+        cache.pos += T
+        return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, vocab_size)
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        """Training FLOPs per token (forward + backward): 6 per weight that multiplies, plus
+        attention's scores and weighted sum over the block (PaLM appendix B)."""
+        c = self.config
+        matmul_params = self.num_params() - self.token_embedding_table.weight.numel() - self.position_embedding_table.weight.numel()
+        return 6 * matmul_params + 6 * c.n_layer * c.n_embd * c.block_size
+
+
+class BigramLanguageModel(LanguageModel):
+    """The lecture's baseline: a table of next-character logits, one row per character."""
+
+    def __init__(self, config):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
+        nn.init.zeros_(self.token_embedding_table.weight)  # uniform at init: loss = ln(vocab_size)
+
+    def forward(self, idx, targets=None):
+        self._check_length(idx.shape[1])
+        logits = self.token_embedding_table(idx)  # (B, T, vocab_size)
+        loss = None if targets is None else self._loss(logits, targets)
+        return logits, loss
+
+    def num_params(self):
+        return sum(p.numel() for p in self.parameters())
+
+    def flops_per_token(self):
+        return 6 * self.token_embedding_table.weight.shape[1]
+
+
+def build_model(config):
+    """The network a GPTConfig describes."""
+    return BigramLanguageModel(config) if config.model_type == "bigram" else GPT(config)

@@ -1,0 +1,112 @@
+"""Generate text from a trained checkpoint.
+
+    python sample.py --out_dir out
+    python sample.py --out_dir out --start "ROMEO:" --num_samples 3 --max_new_tokens 300
+    python sample.py --out_dir out --start FILE:prompt.txt --temperature 0.8 --top_k 40 --seed 7
+    python sample.py --help
+
+Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
+torch.load(weights_only=True): the checkpoint alone rebuilds the model and its vocabulary.
+One sample streams to stdout character by character; several are generated in one batch.
+"""
+
+import os
+import sys
+from dataclasses import dataclass
+
+import torch
+
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from configurator import HelpRequested, knob, parse
+from train import resolve_device
+
+
+@dataclass
+class SampleConfig:
+    out_dir: str = knob("out", "folder with best.pt or ckpt.pt")
+    start: str = knob("\n", "the prompt, or FILE:path to read it from a file")
+    num_samples: int = knob(1, "samples to generate, in one batch")
+    max_new_tokens: int = knob(500, "characters to generate per sample")
+    temperature: float = knob(0.8, "1.0 samples the model's distribution, lower is more conservative, 0 is greedy")
+    top_k: int = knob(200, "sample among the k most likely characters only (0: all)")
+    top_p: float = knob(1.0, "sample among the most likely characters whose probability adds up to top_p (1.0: all)")
+    seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
+    device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
+    kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
+
+    def validate(self):
+        if self.num_samples < 1:
+            raise ValueError(f"--num_samples must be at least 1, got {self.num_samples}")
+        if self.max_new_tokens < 0:
+            raise ValueError(f"--max_new_tokens must be 0 or more, got {self.max_new_tokens}")
+        if not self.temperature >= 0:
+            raise ValueError(f"--temperature must be 0 or more, got {self.temperature}")
+        if self.top_k < 0:
+            raise ValueError(f"--top_k must be 0 or more, got {self.top_k}")
+        if not 0 < self.top_p <= 1:
+            raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+
+
+def read_prompt(start):
+    """The prompt text: start itself, or the contents of the file named by FILE:path."""
+    if start.startswith("FILE:"):
+        path = start[len("FILE:") :]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--start=FILE:{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            start = f.read()
+    if not start:
+        raise ValueError("--start is empty: the model needs at least one character to continue")
+    return start
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        (config,), _ = parse(argv, [SampleConfig()], "sample.py [--key=value ...]", config_file=False)
+        config.validate()
+        prompt = read_prompt(config.start)
+        device = resolve_device(config.device)
+        path = find_checkpoint(config.out_dir)
+        model, tokenizer = model_from_checkpoint(load_checkpoint(path, device), device)
+        try:
+            prompt_ids = tokenizer.encode(prompt)
+        except ValueError as e:
+            raise ValueError(f"--start: {e}") from None
+    except HelpRequested as e:
+        print(e)
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"sample.py: error: {e}", file=sys.stderr)
+        return 1
+
+    idx = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)  # (N, T)
+    generator = torch.Generator().manual_seed(config.seed)
+    tokens = model.generate(
+        idx,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        generator=generator,
+        kv_cache=config.kv_cache,
+    )
+    if config.num_samples == 1:
+        sys.stdout.write(prompt)
+        for token in tokens:  # stream: each character as soon as it exists
+            sys.stdout.write(tokenizer.decode([token.item()]))
+            sys.stdout.flush()
+        sys.stdout.write("\n")
+    else:
+        columns = [[] for _ in range(config.num_samples)]
+        for token in tokens:  # (N,)
+            for column, t in zip(columns, token.tolist()):
+                column.append(t)
+        for i, column in enumerate(columns):
+            sys.stdout.write(("" if i == 0 else "---------------\n") + prompt + tokenizer.decode(column) + "\n")
+    sys.stdout.flush()
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
