@@ -28,9 +28,9 @@ def _type_name(typ):
     return {bool: "True or False", int: "an integer", float: "a number", str: "a string"}[typ]
 
 
-def convert(key, value, typ):
-    """value (a string from the command line, or a literal from a config file) as typ."""
-    if isinstance(value, str) and typ is not str:
+def convert(key, value, typ, from_text):
+    """value as typ: from_text for a command-line string, else a literal from a config file."""
+    if from_text and typ is not str:
         text = value.strip()
         if typ is bool:
             if text.lower() in ("true", "1", "yes"):
@@ -118,15 +118,15 @@ def parse(argv, configs, usage, config_file=True):
 
     updates = [{} for _ in configs]
 
-    def apply(key, value):
+    def apply(key, value, from_text):
         if key not in owner:
             raise ValueError(f"unknown config key '{key}' (see --help for the list)")
         i, typ = owner[key]
-        updates[i][key] = convert(key, value, typ)
+        updates[i][key] = convert(key, value, typ, from_text)
 
     if config_path is not None:
         for key, value in read_config_file(config_path).items():
-            apply(key, value)
+            apply(key, value, from_text=False)
     for key, value in flags:
-        apply(key, value)
+        apply(key, value, from_text=True)
     return [dataclasses.replace(c, **u) for c, u in zip(configs, updates)], config_path

@@ -1,0 +1,51 @@
+"""Shared fixtures: a synthetic text, a prepared tiny dataset, tiny configs. No network."""
+
+import os
+import random
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+sys.path.insert(0, ROOT)
+
+from model import GPTConfig  # noqa: E402
+from prepare import prepare  # noqa: E402
+from train import TrainConfig  # noqa: E402
+
+
+def make_text(n_lines=600, seed=0):
+    """Pseudo-Shakespeare with enough structure for a tiny model to learn in seconds."""
+    rng = random.Random(seed)
+    names = ["ROMEO", "JULIET", "KING", "QUEEN"]
+    words = "the king and queen of rome shall speak to thee my lord good night sweet prince".split()
+    lines = []
+    for _ in range(n_lines):
+        lines.append(f"{rng.choice(names)}:\n" + " ".join(rng.choice(words) for _ in range(rng.randint(3, 9))) + ".\n")
+    return "\n".join(lines)
+
+
+@pytest.fixture(scope="session")
+def text():
+    return make_text()
+
+
+@pytest.fixture
+def data_dir(tmp_path, text):
+    """A prepared dataset 'tiny' under tmp_path/data."""
+    prepare(text, str(tmp_path / "data" / "tiny"))
+    return str(tmp_path / "data")
+
+
+def tiny_configs(data_dir, out_dir, **overrides):
+    """(TrainConfig, GPTConfig) for a 2-layer, 32-wide model that trains in seconds on the CPU."""
+    train_config = TrainConfig(
+        out_dir=str(out_dir), dataset="tiny", data_dir=data_dir, device="cpu", dtype="float32",
+        batch_size=8, max_iters=40, eval_interval=20, eval_iters=5, log_interval=10,
+        learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, sample_chars=50,
+    )
+    model_config = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    for key, value in overrides.items():
+        target = model_config if hasattr(model_config, key) else train_config
+        setattr(target, key, value)
+    return train_config, model_config

@@ -1,0 +1,93 @@
+"""sample.py end to end: it needs nothing but the checkpoint, and every bad input is one line."""
+
+import os
+import shutil
+import subprocess
+import sys
+
+import pytest
+
+import train
+from conftest import ROOT, tiny_configs
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text):
+    from prepare import prepare
+
+    root = tmp_path_factory.mktemp("sample")
+    prepare(text, str(root / "data" / "tiny"))
+    train.train(*tiny_configs(str(root / "data"), root / "out", max_iters=60, sample_chars=0), log=lambda m: None)
+    shutil.rmtree(root / "data")  # sampling must not need the dataset
+    return root / "out"
+
+
+def sample(*args, cwd=None):
+    return subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True, timeout=120,
+        cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
+
+
+def test_sample_prints_text(trained):
+    result = sample("--out_dir", str(trained), "--start", "ROMEO:", "--max_new_tokens", "80", "--seed=3")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 80 + 1
+    again = sample(f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=80", "--seed=3")
+    assert again.stdout == result.stdout  # same seed, same text
+
+
+def test_sample_batch_and_file_prompt(trained, tmp_path):
+    prompt = tmp_path / "p.txt"
+    prompt.write_text("KING:\n", encoding="utf-8")
+    result = sample(f"--out_dir={trained}", f"--start=FILE:{prompt}", "--num_samples=3", "--max_new_tokens=30")
+    assert result.returncode == 0, result.stderr
+    samples = result.stdout.split("---------------\n")
+    assert len(samples) == 3 and all(s.startswith("KING:\n") for s in samples)
+
+
+def test_sample_prefers_best_then_ckpt(trained, tmp_path):
+    only_ckpt = tmp_path / "o"
+    only_ckpt.mkdir()
+    shutil.copy(trained / "ckpt.pt", only_ckpt / "ckpt.pt")
+    assert sample(f"--out_dir={only_ckpt}", "--max_new_tokens=5").returncode == 0
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--start=ROMEO ✓ §"], "not in the vocabulary: '§' '✓'"),
+        (["--start=FILE:/no/such/prompt.txt"], "/no/such/prompt.txt"),
+        (["--start="], "--start is empty"),
+        (["--temperature=-0.5"], "--temperature must be 0 or more"),
+        (["--top_p=0"], "--top_p must be in (0, 1]"),
+        (["--top_p=1.5"], "--top_p must be in (0, 1]"),
+        (["--top_k=-1"], "--top_k must be 0 or more"),
+        (["--num_samples=0"], "--num_samples must be at least 1"),
+        (["--num_samples=2.5"], "--num_samples expects an integer"),
+        (["--max_new_tokens=-3"], "--max_new_tokens must be 0 or more"),
+        (["--colour=red"], "unknown config key 'colour'"),
+    ],
+)
+def test_sample_bad_input(trained, flags, message):
+    result = sample(f"--out_dir={trained}", *flags)
+    assert result.returncode == 1
+    err = result.stderr.strip()
+    assert len(err.splitlines()) == 1 and message in err, err
+    assert result.stdout == ""
+
+
+def test_sample_missing_or_broken_checkpoint(trained, tmp_path):
+    result = sample("--out_dir", str(tmp_path / "nowhere"))
+    assert result.returncode == 1 and str(tmp_path / "nowhere") in result.stderr
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    result = sample("--out_dir", str(empty))
+    assert result.returncode == 1 and "no checkpoint in" in result.stderr
+    broken = tmp_path / "broken"
+    broken.mkdir()
+    data = (trained / "best.pt").read_bytes()
+    (broken / "best.pt").write_bytes(data[: len(data) // 2])
+    result = sample("--out_dir", str(broken))
+    assert result.returncode == 1 and "best.pt is not a readable checkpoint" in result.stderr
+    assert len(result.stderr.strip().splitlines()) == 1

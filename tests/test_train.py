@@ -1,0 +1,143 @@
+"""The training loop: it learns, checkpoints round-trip, resume is exact, bad input is a clear error."""
+
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+
+import train
+from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from conftest import ROOT, tiny_configs
+from model import GPT, GPTConfig
+
+
+def run(data_dir, out_dir, **overrides):
+    lines = []
+    summary = train.train(*tiny_configs(data_dir, out_dir, **overrides), log=lines.append)
+    return summary, "\n".join(lines)
+
+
+def val_losses(log):
+    return [float(v) for v in re.findall(r"step \d+: train loss \S+, val loss (\d+\.\d+)", log)]
+
+
+def test_short_run_lowers_val_loss_and_writes_outputs(data_dir, tmp_path):
+    out = tmp_path / "out"
+    summary, log = run(data_dir, out)
+    losses = val_losses(log)
+    assert len(losses) == 3  # steps 0, 20, 40
+    assert losses[-1] < losses[0] - 0.5, log
+    assert re.search(r"iter 10: loss \d+\.\d+, lr .*ms/iter.*tokens/s", log)
+    for name in ("ckpt.pt", "best.pt", "config.json", "samples.txt"):
+        assert (out / name).exists(), name
+    assert len((out / "samples.txt").read_text(encoding="utf-8")) == 51  # the start newline + 50
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["iter_num"] == 40 and not any(k.startswith("_orig_mod.") for k in ckpt["model"])
+    assert ckpt["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
+
+
+def test_best_val_loss_is_never_replaced_by_a_worse_one(data_dir, tmp_path):
+    # a learning rate this high makes the val loss bounce: best.pt must keep the best
+    out = tmp_path / "out"
+    _, log = run(data_dir, out, learning_rate=0.05, min_lr=0.05, max_iters=60, eval_interval=10, grad_clip=0.0)
+    losses = val_losses(log)
+    best = load_checkpoint(str(out / "best.pt"))
+    latest = load_checkpoint(str(out / "ckpt.pt"))
+    assert best["best_val_loss"] == latest["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
+    assert best["iter_num"] == 10 * losses.index(min(losses))
+
+
+def test_save_load_gives_identical_logits(tmp_path):
+    config = GPTConfig(block_size=16, vocab_size=7, n_layer=2, n_head=2, n_embd=32)
+    torch.manual_seed(0)
+    model = GPT(config).eval()
+    torch.nn.init.normal_(model.lm_head.weight)
+    path = str(tmp_path / "m.pt")
+    save_checkpoint({"model": model.state_dict(), "model_config": vars(config), "vocab": "abcdefg", "iter_num": 0}, path)
+    loaded, tokenizer = model_from_checkpoint(load_checkpoint(path))
+    idx = torch.randint(0, 7, (2, 16))
+    assert torch.equal(model(idx)[0], loaded(idx)[0])
+    assert tokenizer.chars == "abcdefg"
+
+
+def test_resume_is_exact(data_dir, tmp_path):
+    """Stopped at step 10 and resumed to 30, the weights equal a run straight to 30, bit for bit,
+    with dropout on (so the RNG state must come back too)."""
+    # the schedule must not depend on where the run stops, so lr_decay_iters is pinned
+    kw = dict(dropout=0.1, eval_interval=10, max_iters=30, lr_decay_iters=30, sample_chars=0)
+    run(data_dir, tmp_path / "a", **kw)
+    run(data_dir, tmp_path / "b", **{**kw, "max_iters": 10})
+    summary, log = run(data_dir, tmp_path / "b", **{**kw, "init_from": "resume"})
+    assert "resuming from" in log and summary["iter_num"] == 30
+    a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    for key in a["model"]:
+        assert torch.equal(a["model"][key], b["model"][key]), key
+    assert a["best_val_loss"] == b["best_val_loss"]
+
+
+def test_resume_rejects_a_different_model(data_dir, tmp_path):
+    run(data_dir, tmp_path / "o", max_iters=5, eval_interval=5, sample_chars=0)
+    with pytest.raises(ValueError, match="--n_layer=3 does not match 2"):
+        run(data_dir, tmp_path / "o", init_from="resume", n_layer=3)
+
+
+def main_error(capsys, argv):
+    """Run train.py's main in-process; return its exit code and stderr."""
+    code = train.main(argv)
+    err = capsys.readouterr().err.strip()
+    return code, err
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--dataset=nothere"], "data/nothere/train.bin not found"),
+        (["--block_size=5000"], "--block_size=5000 is longer than the val split"),
+        (["--batch_size=0"], "--batch_size must be at least 1"),
+        (["--max_iters=-1"], "--max_iters must be 0 or more"),
+        (["--init_from=resume"], "no checkpoint at"),
+        (["--init_from=maybe"], "--init_from must be"),
+        (["--dtype=float16"], "--dtype must be"),
+        (["--device=tpu"], "--device"),
+        (["--n_head=3"], "--n_embd=32 must be divisible by --n_head=3"),
+    ],
+)
+def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, capsys, flags, message):
+    base = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--n_layer=1",
+            "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu", "--max_iters=2"]
+    code, err = main_error(capsys, base + flags)
+    assert code == 1
+    assert len(err.splitlines()) == 1 and message.replace("data/", os.path.join(data_dir, "")) in err or message in err, err
+    assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a folder")
+    code, err = main_error(capsys, [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={blocker}", "--device=cpu"])
+    assert code == 1 and str(blocker) in err
+    assert blocker.read_text() == "not a folder"
+
+
+def test_sigterm_saves_and_resumes(data_dir, tmp_path):
+    out = tmp_path / "o"
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}", "--dataset=tiny",
+           f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu",
+           "--dtype=float32", "--max_iters=100000", "--eval_interval=100000", "--eval_iters=2", "--log_interval=1"]
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for line in proc.stdout:  # wait until it is really training
+        if line.startswith("iter 5:"):
+            break
+    proc.send_signal(signal.SIGTERM)
+    stdout, stderr = proc.communicate(timeout=60)
+    assert proc.returncode == 128 + signal.SIGTERM, stderr
+    assert "SIGTERM: saved" in stdout and "Traceback" not in stderr
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
+    assert ckpt["iter_num"] >= 5
