@@ -38,9 +38,11 @@ def save_checkpoint(checkpoint, path):
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-    except BaseException:
+    except BaseException as e:
         if os.path.exists(tmp):
             os.remove(tmp)
+        if isinstance(e, OSError):  # a full disk, say: name the file, keep the old one
+            raise OSError(f"could not write {path} ({e.strerror or e}); the previous file is untouched") from None
         raise
     # make the rename itself durable
     dir_fd = os.open(directory, os.O_RDONLY)

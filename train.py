@@ -248,14 +248,20 @@ def set_rng_state(state, batch_sampler):
         torch.cuda.set_rng_state_all(state["cuda"])
 
 
-def check_resumable(checkpoint, path, model_config, tokenizer):
-    """A checkpoint must match the model flags and the data's vocabulary to go on training."""
-    stored = checkpoint["model_config"]
-    for key, value in dataclasses.asdict(model_config).items():
-        if stored.get(key) != value:
-            raise ValueError(f"--{key}={value} does not match {stored.get(key)!r} stored in {path}")
+def resume_model_config(checkpoint, path, model_config, tokenizer):
+    """The model config to go on training with: the checkpoint's, where the flags and config
+    file left a key at its default; a key set to a different shape is an error (a new
+    dropout is allowed). The vocabulary must be the dataset's."""
     if checkpoint["vocab"] != tokenizer.chars:
-        raise ValueError(f"the vocabulary of {path} does not match the dataset's meta.json")
+        raise ValueError(f"the vocabulary of {path} does not match the dataset's meta.json (--dataset?)")
+    defaults, resolved = GPTConfig(), dataclasses.replace(model_config)
+    for key, stored in checkpoint["model_config"].items():
+        value = getattr(model_config, key)
+        if value == stored or value == getattr(defaults, key):
+            setattr(resolved, key, stored)
+        elif key not in ("dropout", "attn_dropout"):
+            raise ValueError(f"--{key}={value} does not match {key}={stored!r} stored in {path}")
+    return resolved
 
 
 class StopRequested:
@@ -295,16 +301,18 @@ def train(config, model_config, log=print):
 
     train_data, val_data, tokenizer = load_dataset(config)
     model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
+    best_path = os.path.join(config.out_dir, "best.pt")
+    checkpoint = None
+    if config.init_from == "resume":
+        checkpoint = load_checkpoint(ckpt_path, device)
+        if "optimizer" not in checkpoint:
+            raise ValueError(f"{ckpt_path} holds no optimizer state, so it cannot be resumed")
+        model_config = resume_model_config(checkpoint, ckpt_path, model_config, tokenizer)
     model_config.validate()
     for split, data in (("train", train_data), ("val", val_data)):
         if len(data) <= model_config.block_size:
             raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
-
-    os.makedirs(config.out_dir, exist_ok=True)
-    if not os.access(config.out_dir, os.W_OK):
-        raise PermissionError(f"--out_dir {config.out_dir} is not writable")
-    ckpt_path = os.path.join(config.out_dir, "ckpt.pt")
-    best_path = os.path.join(config.out_dir, "best.pt")
 
     torch.manual_seed(config.seed)
     random.seed(config.seed)
@@ -317,11 +325,7 @@ def train(config, model_config, log=print):
         "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
     }
     iter_num, best_val_loss = 0, float("inf")
-    if config.init_from == "resume":
-        checkpoint = load_checkpoint(ckpt_path, device)
-        check_resumable(checkpoint, ckpt_path, model_config, tokenizer)
-        if "optimizer" not in checkpoint:
-            raise ValueError(f"{ckpt_path} holds no optimizer state, so it cannot be resumed")
+    if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
@@ -335,8 +339,17 @@ def train(config, model_config, log=print):
         f"device {device}, dtype {dtype}, {model.num_params() / 1e6:.2f}M parameters, "
         f"{tokens_per_iter:,} tokens per step"
     )
-    with open(os.path.join(config.out_dir, "config.json"), "w", encoding="utf-8") as f:
-        json.dump({"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "device": device, "dtype": dtype}, f, indent=1)
+    # the first write into out_dir, after every check that could refuse the run
+    resolved = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "device": device, "dtype": dtype}
+    try:
+        os.makedirs(config.out_dir, exist_ok=True)
+        with open(os.path.join(config.out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=1)
+        for name in os.listdir(config.out_dir):  # temporary files of a run killed mid-save
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(config.out_dir, name))
+    except OSError as e:
+        raise OSError(f"--out_dir {config.out_dir} is not writable ({e.strerror or e})") from None
 
     def checkpoint_dict(with_optimizer=True):
         state = {

@@ -83,7 +83,7 @@ def test_resume_is_exact(data_dir, tmp_path):
 
 def test_resume_rejects_a_different_model(data_dir, tmp_path):
     run(data_dir, tmp_path / "o", max_iters=5, eval_interval=5, sample_chars=0)
-    with pytest.raises(ValueError, match="--n_layer=3 does not match 2"):
+    with pytest.raises(ValueError, match="--n_layer=3 does not match n_layer=2"):
         run(data_dir, tmp_path / "o", init_from="resume", n_layer=3)
 
 
@@ -141,3 +141,11 @@ def test_sigterm_saves_and_resumes(data_dir, tmp_path):
     assert "SIGTERM: saved" in stdout and "Traceback" not in stderr
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter_num"] >= 5
+
+
+def test_resume_without_the_model_flags_takes_the_checkpoints(data_dir, tmp_path):
+    run(data_dir, tmp_path / "o", max_iters=5, eval_interval=5, sample_chars=0)
+    config, _ = tiny_configs(data_dir, tmp_path / "o", init_from="resume", max_iters=8, sample_chars=0)
+    summary = train.train(config, GPTConfig(), log=lambda m: None)  # every model key at its default
+    assert summary["iter_num"] == 8
+    assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["model_config"]["n_embd"] == 32
