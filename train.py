@@ -27,6 +27,8 @@ from dataclasses import dataclass
 
 import numpy as np
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import HelpRequested, knob, parse
@@ -136,6 +138,43 @@ def autocast_context(device_type, dtype):
 
 
 # -----------------------------------------------------------------------------
+# several processes (torchrun)
+
+
+@dataclass
+class Distributed:
+    """This process's place among the processes torchrun started; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        """The one process that prints and writes files."""
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """tensor summed over the processes (in place)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+
+def init_distributed(device):
+    """(Distributed, device): join torchrun's process group when it started us (RANK is set),
+    with NCCL on CUDA, one GPU per process, and gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return Distributed(), device
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, device
+
+
+# -----------------------------------------------------------------------------
 # data
 
 
@@ -204,20 +243,23 @@ def make_optimizer(model, config, device_type):
 
 
 @torch.no_grad()
-def estimate_loss(model, samplers, eval_iters, ctx, device):
+def estimate_loss(model, samplers, eval_iters, ctx, device, ddp=Distributed()):
     """Mean loss over eval_iters batches of each split, in eval mode (no dropout). The batches
-    come from a fresh generator per eval, so every eval of a run sees the same windows."""
+    come from a fresh generator per eval, so every eval of a run sees the same windows. With
+    several processes each computes every world_size-th batch and the sums are added up: the
+    same number as one process computes, in a fraction of the time."""
     out = {}
     model.eval()
     for split, sampler in samplers.items():
         sampler.reset()
-        losses = torch.zeros(eval_iters)
+        total = torch.zeros((), dtype=torch.float64, device=device)
         for k in range(eval_iters):
-            x, y = sampler.next(device)
-            with ctx:
-                _, loss = model(x, y)
-            losses[k] = loss.item()
-        out[split] = losses.mean().item()
+            x, y = sampler.next(device)  # every process draws every batch, to stay in step
+            if k % ddp.world_size == ddp.rank:
+                with ctx:
+                    _, loss = model(x, y)
+                total += loss.double()
+        out[split] = ddp.sum(total).item() / eval_iters
     model.train()
     return out
 
@@ -264,6 +306,19 @@ def resume_model_config(checkpoint, path, model_config, tokenizer):
     return resolved
 
 
+def write_run_config(out_dir, resolved):
+    """Create out_dir with config.json in it, and clear temporary files of a run killed mid-save."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=1)
+        for name in os.listdir(out_dir):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(out_dir, name))
+    except OSError as e:
+        raise OSError(f"--out_dir {out_dir} is not writable ({e.strerror or e})") from None
+
+
 class StopRequested:
     """Turns Ctrl-C and SIGTERM into a flag the loop checks between steps, so a stop always
     lands on a whole step and is saved."""
@@ -274,6 +329,15 @@ class StopRequested:
     def __enter__(self):
         self.previous = {s: signal.signal(s, self._handle) for s in (signal.SIGINT, signal.SIGTERM)}
         return self
+
+    def requested(self, ddp, device):
+        """Whether to stop now: with several processes, when any of them got a signal, so
+        that all stop at the same step."""
+        if ddp.world_size == 1:
+            return self.signal is not None
+        flag = torch.tensor([0 if self.signal is None else 1], device=device)
+        dist.all_reduce(flag, op=dist.ReduceOp.MAX)
+        return bool(flag.item())
 
     def _handle(self, signum, frame):
         if self.signal is not None:  # a second Ctrl-C: the user means it
@@ -292,7 +356,15 @@ class StopRequested:
 def train(config, model_config, log=print):
     """Run the training loop; return a summary dict (iter_num, best_val_loss, ...)."""
     config.validate()
-    device = resolve_device(config.device)
+    ddp, device = init_distributed(resolve_device(config.device))
+    try:
+        return _train(config, model_config, log if ddp.master else (lambda msg: None), ddp, device)
+    finally:
+        if ddp.world_size > 1:
+            dist.destroy_process_group()
+
+
+def _train(config, model_config, log, ddp, device):
     device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device_type)
     if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -314,12 +386,14 @@ def train(config, model_config, log=print):
         if len(data) <= model_config.block_size:
             raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
 
-    torch.manual_seed(config.seed)
-    random.seed(config.seed)
-    np.random.seed(config.seed)
+    torch.manual_seed(config.seed)  # the same initial weights in every process
     model = build_model(model_config).to(device)
     optimizer = make_optimizer(model, config, device_type)
-    batches = BatchSampler(train_data, model_config.block_size, config.batch_size, config.seed)
+    # each process draws its own batches and dropout masks; rank 0 is a single-process run
+    torch.manual_seed(config.seed + ddp.rank)
+    random.seed(config.seed + ddp.rank)
+    np.random.seed(config.seed + ddp.rank)
+    batches = BatchSampler(train_data, model_config.block_size, config.batch_size, config.seed + ddp.rank)
     eval_samplers = {
         "train": BatchSampler(train_data, model_config.block_size, config.batch_size, seed=1),
         "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
@@ -329,29 +403,39 @@ def train(config, model_config, log=print):
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
         iter_num, best_val_loss = checkpoint["iter_num"], checkpoint["best_val_loss"]
-        set_rng_state(checkpoint["rng"], batches)
+        states = checkpoint.get("rng_ranks", [checkpoint["rng"]])
+        if len(states) == ddp.world_size:
+            set_rng_state(states[ddp.rank], batches)
+        else:  # a different number of processes: fresh streams, so not bit-for-bit the same run
+            batches.generator.manual_seed(config.seed + ddp.rank + 1000 * iter_num)
+            torch.manual_seed(config.seed + ddp.rank + 1000 * iter_num)
+            log(f"note: {ckpt_path} was written by {len(states)} process(es), this run has {ddp.world_size}: new random streams")
         log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
         del checkpoint
 
-    tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+    global_batch = config.batch_size * config.gradient_accumulation_steps * ddp.world_size
+    tokens_per_iter = global_batch * model_config.block_size
     log(f"config: {json.dumps({**dataclasses.asdict(model_config), **dataclasses.asdict(config)})}")
     log(
-        f"device {device}, dtype {dtype}, {model.num_params() / 1e6:.2f}M parameters, "
-        f"{tokens_per_iter:,} tokens per step"
+        f"device {device}, dtype {dtype}, {model.num_params() / 1e6:.2f}M parameters; global batch "
+        f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation x {ddp.world_size} processes "
+        f"= {global_batch} sequences, {tokens_per_iter:,} tokens per step"
     )
     # the first write into out_dir, after every check that could refuse the run
-    resolved = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "device": device, "dtype": dtype}
-    try:
-        os.makedirs(config.out_dir, exist_ok=True)
-        with open(os.path.join(config.out_dir, "config.json"), "w", encoding="utf-8") as f:
-            json.dump(resolved, f, indent=1)
-        for name in os.listdir(config.out_dir):  # temporary files of a run killed mid-save
-            if name.startswith(".tmp-"):
-                os.remove(os.path.join(config.out_dir, name))
-    except OSError as e:
-        raise OSError(f"--out_dir {config.out_dir} is not writable ({e.strerror or e})") from None
+    resolved = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "device": device,
+                "dtype": dtype, "world_size": ddp.world_size}
+    if ddp.master:
+        write_run_config(config.out_dir, resolved)
 
-    def checkpoint_dict(with_optimizer=True):
+    def save(path, with_optimizer=True):
+        """Write a checkpoint from rank 0; with several processes every one must call this,
+        since each hands over its random state."""
+        rng = rng_state(batches) if with_optimizer else None
+        rng_ranks = [None] * ddp.world_size
+        if with_optimizer and ddp.world_size > 1:
+            dist.all_gather_object(rng_ranks, rng)
+        if not ddp.master:
+            return
         state = {
             "model": model.state_dict(),
             "iter_num": iter_num,
@@ -362,14 +446,21 @@ def train(config, model_config, log=print):
         }
         if with_optimizer:
             state["optimizer"] = optimizer.state_dict()
-            state["rng"] = rng_state(batches)
-        return state
+            state["rng"] = rng
+            if ddp.world_size > 1:
+                state["rng_ranks"] = rng_ranks
+        save_checkpoint(state, path)
 
-    step_model = model
+    # model is the plain module that is saved; eval_model may be compiled; step_model may
+    # also be wrapped in DDP, which averages the gradients of all processes in backward
+    eval_model = model
     if config.compile:
         t0 = time.time()
-        step_model = torch.compile(model)
+        eval_model = torch.compile(model)
         log("compiling the model (the first steps are slow)...")
+    step_model = eval_model
+    if ddp.world_size > 1:
+        step_model = DDP(eval_model, device_ids=[ddp.local_rank] if device_type == "cuda" else None)
     flops_per_iter = model.flops_per_token() * tokens_per_iter
 
     model.train()
@@ -383,28 +474,32 @@ def train(config, model_config, log=print):
 
             last_step = iter_num == config.max_iters
             if (iter_num % config.eval_interval == 0 or last_step) and not (iter_num == start_iter and iter_num > 0):
-                losses = estimate_loss(step_model, eval_samplers, config.eval_iters, ctx, device)
+                losses = estimate_loss(eval_model, eval_samplers, config.eval_iters, ctx, device, ddp)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if not all(math.isfinite(v) for v in losses.values()):
                     raise FloatingPointError(f"the loss is not finite at step {iter_num}; {ckpt_path} holds the last good state (try a lower --learning_rate)")
                 if losses["val"] < best_val_loss:
                     best_val_loss = losses["val"]
-                    save_checkpoint(checkpoint_dict(with_optimizer=False), best_path)
-                save_checkpoint(checkpoint_dict(), ckpt_path)
+                    save(best_path, with_optimizer=False)
+                save(ckpt_path)
                 t_last, iters_since_log = time.time(), 0  # eval time is not step time
             if last_step:
                 break
-            if stop.signal:
-                save_checkpoint(checkpoint_dict(), ckpt_path)
-                log(f"{stop.signal}: saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
-                return {"iter_num": iter_num, "best_val_loss": best_val_loss, "stopped": stop.signal}
+            if stop.requested(ddp, device):
+                save(ckpt_path)
+                log(f"{stop.signal or 'stop'}: saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
+                return {"iter_num": iter_num, "best_val_loss": best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
             for micro_step in range(config.gradient_accumulation_steps):
                 x, y = batches.next(device)
-                with ctx:
-                    _, loss = step_model(x, y)
-                    loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
-                loss.backward()
+                # with DDP, gradients are averaged across processes on the last micro-step only
+                last_micro = micro_step == config.gradient_accumulation_steps - 1
+                sync = contextlib.nullcontext() if ddp.world_size == 1 or last_micro else step_model.no_sync()
+                with sync:
+                    with ctx:
+                        _, loss = step_model(x, y)
+                        loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
+                    loss.backward()
             if config.grad_clip > 0:
                 torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
             optimizer.step()
@@ -413,7 +508,8 @@ def train(config, model_config, log=print):
             iters_since_log += 1
 
             if iter_num % config.log_interval == 0:
-                lossf = loss.item() * config.gradient_accumulation_steps  # a sync point: only here
+                # a sync point, so only here; with DDP the mean over processes
+                lossf = ddp.sum(loss.detach() * config.gradient_accumulation_steps).item() / ddp.world_size
                 if not math.isfinite(lossf):
                     raise FloatingPointError(f"the loss is not finite at step {iter_num}; {ckpt_path} holds the last good state (try a lower --learning_rate)")
                 if config.compile and iter_num - start_iter == config.log_interval:
@@ -427,7 +523,7 @@ def train(config, model_config, log=print):
 
     elapsed = time.time() - t_start
     log(f"done: {iter_num} steps in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
-    if config.sample_chars > 0:
+    if config.sample_chars > 0 and ddp.master:
         text = sample_text(model, tokenizer, config.sample_chars, device, config.seed)
         with open(os.path.join(config.out_dir, "samples.txt"), "w", encoding="utf-8") as f:
             f.write(text)
@@ -455,7 +551,8 @@ def main(argv=None):
         print(e)
         return 0
     except (ValueError, OSError, FloatingPointError) as e:
-        print(f"train.py: error: {e}", file=sys.stderr)
+        if os.environ.get("RANK", "0") == "0":  # under torchrun every process fails alike: say it once
+            print(f"train.py: error: {e}", file=sys.stderr)
         return 1
     # a run stopped by a signal exits as the shell expects: 128 + the signal's number
     return 128 + signal.Signals[summary["stopped"]].value if "stopped" in summary else 0
