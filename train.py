@@ -229,17 +229,17 @@ def get_lr(it, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-def make_optimizer(model, config, device_type):
+def make_optimizer(model, config, device_type, fused=True):
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) and not on biases or
-    LayerNorm gains."""
+    LayerNorm gains. fused=False gives PyTorch's default (foreach) update."""
     params = [p for p in model.parameters() if p.requires_grad]
     groups = [
         {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
         {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
     ]
     # the fused kernel updates every parameter in one pass; it exists for CUDA and CPU
-    fused = device_type in ("cuda", "cpu")
-    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused)
+    fused = fused and device_type in ("cuda", "cpu")
+    return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
 @torch.no_grad()
@@ -262,6 +262,26 @@ def estimate_loss(model, samplers, eval_iters, ctx, device, ddp=Distributed()):
         out[split] = ddp.sum(total).item() / eval_iters
     model.train()
     return out
+
+
+def train_step(step_model, optimizer, batches, config, ctx, device, ddp=Distributed()):
+    """One optimizer step over gradient_accumulation_steps micro-batches; returns the last
+    micro-batch's loss (divided by the number of micro-steps), without a device sync."""
+    for micro_step in range(config.gradient_accumulation_steps):
+        x, y = batches.next(device)
+        # with DDP, gradients are averaged across processes on the last micro-step only
+        last_micro = micro_step == config.gradient_accumulation_steps - 1
+        sync = contextlib.nullcontext() if ddp.world_size == 1 or last_micro else step_model.no_sync()
+        with sync:
+            with ctx:
+                _, loss = step_model(x, y)
+                loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
+            loss.backward()
+    if config.grad_clip > 0:
+        torch.nn.utils.clip_grad_norm_(step_model.parameters(), config.grad_clip)
+    optimizer.step()
+    optimizer.zero_grad(set_to_none=True)
+    return loss
 
 
 # -----------------------------------------------------------------------------
@@ -490,20 +510,7 @@ def _train(config, model_config, log, ddp, device):
                 log(f"{stop.signal or 'stop'}: saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 return {"iter_num": iter_num, "best_val_loss": best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
-            for micro_step in range(config.gradient_accumulation_steps):
-                x, y = batches.next(device)
-                # with DDP, gradients are averaged across processes on the last micro-step only
-                last_micro = micro_step == config.gradient_accumulation_steps - 1
-                sync = contextlib.nullcontext() if ddp.world_size == 1 or last_micro else step_model.no_sync()
-                with sync:
-                    with ctx:
-                        _, loss = step_model(x, y)
-                        loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
-                    loss.backward()
-            if config.grad_clip > 0:
-                torch.nn.utils.clip_grad_norm_(model.parameters(), config.grad_clip)
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            loss = train_step(step_model, optimizer, batches, config, ctx, device, ddp)
             iter_num += 1
             iters_since_log += 1
 

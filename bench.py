@@ -1,0 +1,185 @@
+"""Benchmarks: what the hardware gives, measured side by side in one run.
+
+    python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
+    python bench.py sizes                                # ms/iter and tokens/s over model sizes
+    python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss
+    python bench.py sample                               # KV-cache vs uncached generation
+    python bench.py sample --out_dir=out                 # ... with a trained checkpoint
+
+Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
+or small machine are noisy: compare the figures of one run with each other.
+"""
+
+import argparse
+import dataclasses
+import sys
+import time
+
+import torch
+
+import train
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from configurator import parse
+from model import GPT, GPTConfig, build_model
+
+
+def load_configs(config_path, overrides):
+    argv = ([config_path] if config_path else []) + list(overrides)
+    (config, model_config), _ = parse(argv, [train.TrainConfig(), GPTConfig()], "bench.py ...")
+    return config, model_config
+
+
+class RandomBatches:
+    """Random tokens in place of the dataset: the cost of a step does not depend on the text."""
+
+    def __init__(self, vocab_size, block_size, batch_size):
+        self.vocab_size, self.block_size, self.batch_size = vocab_size, block_size, batch_size
+        self.generator = torch.Generator().manual_seed(0)
+
+    def next(self, device):
+        window = torch.randint(self.vocab_size, (self.batch_size, self.block_size + 1), generator=self.generator)
+        return window[:, :-1].to(device), window[:, 1:].to(device)
+
+
+def time_steps(config, model_config, iters, warmup, reference=False):
+    """(ms per step, compile seconds) of train.py's step; reference: float32, eager, foreach AdamW."""
+    device = train.resolve_device(config.device)
+    device_type = device.split(":")[0]
+    dtype = "float32" if reference else train.resolve_dtype(config.dtype, device_type)
+    ctx = train.autocast_context(device_type, dtype)
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
+    model.train()
+    optimizer = train.make_optimizer(model, config, device_type, fused=not reference)
+    step_model = model if reference or not config.compile else torch.compile(model)
+    batches = RandomBatches(65, model_config.block_size, config.batch_size)
+    t0 = time.perf_counter()
+    for _ in range(warmup):  # the first steps compile and warm the allocator
+        train.train_step(step_model, optimizer, batches, config, ctx, device)
+    sync(device)
+    compile_s = time.perf_counter() - t0 if config.compile and not reference else 0.0
+    t0 = time.perf_counter()
+    for _ in range(iters):
+        loss = train.train_step(step_model, optimizer, batches, config, ctx, device)
+    loss.item()
+    sync(device)
+    return (time.perf_counter() - t0) / iters * 1000, compile_s, dtype, model
+
+
+def sync(device):
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def throughput_row(name, ms, tokens_per_iter, flops_per_iter):
+    return f"| {name} | {ms:,.0f} | {tokens_per_iter / ms * 1000:,.0f} | {flops_per_iter / ms / 1e9:.3f} |"
+
+
+def bench_train(args, overrides):
+    config, model_config = load_configs(args.config, overrides)
+    tokens = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+    print(f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
+          f"batch {config.batch_size} x {config.gradient_accumulation_steps}, dropout {model_config.dropout}, "
+          f"{args.iters} timed steps after {args.warmup} warm-up steps, {torch.get_num_threads()} threads")
+    fast_ms, compile_s, dtype, model = time_steps(config, model_config, args.iters, args.warmup)
+    ref_ms, _, _, _ = time_steps(config, model_config, args.iters, args.warmup, reference=True)
+    flops = model.flops_per_token() * tokens
+    print("| path | ms/iter | tokens/s | TFLOP/s |\n|---|---|---|---|")
+    print(throughput_row(f"fast ({dtype}{', compiled' if config.compile else ''}, fused AdamW)", fast_ms, tokens, flops))
+    print(throughput_row("reference (float32, eager, foreach AdamW)", ref_ms, tokens, flops))
+    print(f"speed-up {ref_ms / fast_ms:.2f}x" + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
+
+
+def bench_sizes(args, overrides):
+    config, _ = load_configs(None, ["--device=cpu" if not torch.cuda.is_available() else "--device=auto", *overrides])
+    print(f"block_size 256, batch {args.batch_size}, dropout 0, {torch.get_num_threads()} threads; fast path")
+    print("| n_layer x n_embd | params | ms/iter | tokens/s | TFLOP/s |\n|---|---|---|---|---|")
+    for n_layer, n_embd in ((2, 128), (4, 192), (4, 256), (6, 256), (6, 384)):
+        model_config = GPTConfig(n_layer=n_layer, n_head=n_embd // 64, n_embd=n_embd, block_size=256, dropout=0.0)
+        config = dataclasses.replace(config, batch_size=args.batch_size)
+        ms, _, _, model = time_steps(config, model_config, args.iters, args.warmup)
+        tokens = args.batch_size * 256
+        print(f"| {n_layer} x {n_embd} | {model.num_params() / 1e6:.1f}M | {ms:,.0f} | {tokens / ms * 1000:,.0f} | "
+              f"{model.flops_per_token() * tokens / ms / 1e9:.3f} |")
+
+
+def bench_loss(args, overrides):
+    """Train the recipe for real and report when the val loss first reached the target."""
+    config, model_config = load_configs(args.config, [f"--out_dir={args.out_dir}", *overrides])
+    t_start = time.time()
+    reached = []
+
+    def log(msg):
+        print(msg, flush=True)
+        if msg.startswith("step ") and "val loss" in msg:
+            val = float(msg.rsplit("val loss ", 1)[1])
+            if val <= args.target and not reached:
+                reached.append((time.time() - t_start, msg.split(":")[0]))
+
+    summary = train.train(config, model_config, log=log)
+    wall = time.time() - t_start
+    print(f"best val loss {summary['best_val_loss']:.4f}, {summary['iter_num']} steps, {wall:.1f}s wall time in all")
+    if reached:
+        print(f"val loss <= {args.target} first at {reached[0][1]}, {reached[0][0]:.1f}s after the start")
+    else:
+        print(f"val loss never reached {args.target}")
+
+
+def bench_sample(args, overrides):
+    if args.out_dir:
+        model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(args.out_dir)))
+        where = find_checkpoint(args.out_dir)
+    else:
+        torch.manual_seed(0)
+        model = GPT(GPTConfig(vocab_size=65)).eval()  # the lecture's model; random weights cost the same
+        where = "the lecture's model (6 x 384, block 256), random weights"
+    print(f"{where}; {torch.get_num_threads()} threads")
+
+    def rate(n, kv_cache, batch=1):
+        idx = torch.zeros(batch, 1, dtype=torch.long)
+        generator = torch.Generator().manual_seed(0)
+        t0 = time.perf_counter()
+        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache):
+            pass
+        return n * batch / (time.perf_counter() - t0)
+
+    rate(20, True)  # warm up
+    cached, uncached = rate(args.new_tokens, True), rate(args.new_tokens, False)
+    print(f"batch 1, {args.new_tokens} new characters: KV cache {cached:,.0f} chars/s, uncached {uncached:,.0f} chars/s, "
+          f"{cached / uncached:.1f}x")
+    print(f"--num_samples 10: {rate(args.new_tokens, True, batch=10):,.0f} chars/s with the cache")
+    print("| new characters | KV cache s | uncached s |\n|---|---|---|")
+    for n in (100, 300, 1000, 2000):
+        print(f"| {n} | {n / rate(n, True):.2f} | {n / rate(n, False):.2f} |")
+
+
+def main():
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog=__doc__.split("\n\n", 1)[1])
+    sub = parser.add_subparsers(dest="what", required=True)
+    p = sub.add_parser("train", help="fast path vs float32 eager reference")
+    p.add_argument("config")
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p = sub.add_parser("sizes", help="a table over model sizes")
+    p.add_argument("--iters", type=int, default=3)
+    p.add_argument("--warmup", type=int, default=1)
+    p.add_argument("--batch_size", type=int, default=16)
+    p = sub.add_parser("loss", help="wall time to a target val loss")
+    p.add_argument("config")
+    p.add_argument("--target", type=float, required=True)
+    p.add_argument("--out_dir", default="out-bench")
+    p = sub.add_parser("sample", help="generation speed")
+    p.add_argument("--out_dir", default=None)
+    p.add_argument("--new_tokens", type=int, default=1000)
+    args, overrides = parser.parse_known_args()
+    try:
+        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}[args.what](args, overrides)
+    except (ValueError, OSError) as e:
+        print(f"bench.py: error: {e}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
