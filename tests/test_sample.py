@@ -132,3 +132,15 @@ def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, text):
                               eval_iters=1, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
     code, out, err = run_main(capsys, f"--out_dir={tmp_path / 'out'}", f"--attention={tmp_path / 'attn.png'}")
     assert code == 1 and "bigram model, which has no attention" in err and len(err.splitlines()) == 1
+
+
+def test_help_lists_every_option_with_its_meaning(capsys):
+    import dataclasses
+
+    import sample as sample_py
+
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    for f in dataclasses.fields(sample_py.SampleConfig):
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name}="))
+        assert f.metadata["help"] in line
