@@ -73,15 +73,19 @@ class Head(nn.Module):
         self.register_buffer("tril", torch.tril(torch.ones(block_size, block_size)))
         self.dropout = nn.Dropout(dropout)
 
-    def forward(self, x):
+    def attention(self, x):
+        """The attention weights (B, T, T): row t says how much position t takes from each
+        of positions 0..t (the row sums to 1, the entries above the diagonal are 0)."""
         B, T, C = x.shape
         k = self.key(x)  # (B, T, hs)
         q = self.query(x)  # (B, T, hs)
         # affinities, scaled so the softmax stays diffuse at init
         wei = q @ k.transpose(-2, -1) * k.shape[-1] ** -0.5  # (B, T, hs) @ (B, hs, T) -> (B, T, T)
         wei = wei.masked_fill(self.tril[:T, :T] == 0, float("-inf"))  # (B, T, T)
-        wei = F.softmax(wei, dim=-1)  # (B, T, T)
-        wei = self.dropout(wei)
+        return F.softmax(wei, dim=-1)  # (B, T, T)
+
+    def forward(self, x):
+        wei = self.dropout(self.attention(x))  # (B, T, T)
         v = self.value(x)  # (B, T, hs)
         return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
@@ -299,6 +303,26 @@ class GPT(LanguageModel):
             x = block(x, cache, layer)  # (B, T, C)
         cache.pos += T
         return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, vocab_size)
+
+    @torch.no_grad()
+    def attention_maps(self, idx):
+        """The attention weights of every layer and head for one sequence idx (1, T), as a
+        (n_layer, n_head, T, T) tensor, computed with the lecture's Head math (q·k^T scaled by
+        head_size**-0.5, tril mask, softmax) on each layer's own weights. For pictures and
+        teaching; dropout is off while it runs, as in generation."""
+        B, T = idx.shape
+        assert B == 1, "attention_maps takes one sequence"
+        self._check_length(T)
+        was_training = self.training
+        self.eval()
+        x = self.token_embedding_table(idx) + self.position_embedding_table(torch.arange(T, device=idx.device))  # (1, T, C)
+        maps = []
+        for block in self.blocks:
+            h = block.ln1(x)  # (1, T, C): what the attention of this block reads
+            maps.append(torch.cat([head.attention(h) for head in block.sa.heads()]))  # (nh, T, T)
+            x = block(x)  # (1, T, C)
+        self.train(was_training)
+        return torch.stack(maps)  # (n_layer, nh, T, T)
 
     def num_params(self):
         return sum(p.numel() for p in self.parameters())

@@ -3,15 +3,23 @@
     python sample.py --out_dir out
     python sample.py --out_dir out --start "ROMEO:" --num_samples 3 --max_new_tokens 300
     python sample.py --out_dir out --start FILE:prompt.txt --temperature 0.8 --top_k 40 --seed 7
+    python sample.py --out_dir out --start "ROMEO:" --attention attn.png --max_new_tokens 0
     python sample.py --help
 
 Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
 torch.load(weights_only=True): the checkpoint alone rebuilds the model and its vocabulary.
 One sample streams to stdout character by character; several are generated in one batch.
+
+--attention FILE.png draws, before sampling, the attention weights of every layer and head
+for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is
+how much the character at t takes from each earlier one, so everything above the diagonal
+is empty). It needs matplotlib; --max_new_tokens 0 gives the picture alone.
 """
 
+import math
 import os
 import sys
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -33,6 +41,7 @@ class SampleConfig:
     seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
     kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
+    attention: str = knob("", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)")
 
     def validate(self):
         if self.num_samples < 1:
@@ -45,6 +54,14 @@ class SampleConfig:
             raise ValueError(f"--top_k must be 0 or more, got {self.top_k}")
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
+        if self.attention:
+            folder = os.path.dirname(os.path.abspath(self.attention))
+            if not os.path.isdir(folder):
+                raise FileNotFoundError(f"--attention={self.attention}: the folder {folder} does not exist")
+            try:
+                import matplotlib  # noqa: F401
+            except ImportError:
+                raise ValueError("--attention needs matplotlib, which is not installed (pip install matplotlib)") from None
 
 
 def read_prompt(start):
@@ -60,6 +77,32 @@ def read_prompt(start):
     return start
 
 
+def draw_attention(maps, chars, path):
+    """Save maps (n_layer, n_head, T, T) as a grid of heatmaps whose ticks are the characters."""
+    from matplotlib.figure import Figure  # the object API: no GUI backend needed
+
+    n_layer, n_head, T, _ = maps.shape
+    labels = [{"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch) for ch in chars]
+    size = min(6.0, max(2.5, 0.15 * T + 1))  # inches per heatmap
+    step = max(1, math.ceil(T / (size * 7)))  # a label for every character while they fit
+    ticks = list(range(0, T, step))
+    fig = Figure(figsize=(n_head * size + 1.5, n_layer * size + 0.8), layout="constrained")
+    axes = fig.subplots(n_layer, n_head, squeeze=False)
+    for layer in range(n_layer):
+        for head in range(n_head):
+            ax = axes[layer][head]
+            image = ax.imshow(maps[layer, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=7)
+            ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
+            ax.set_title(f"layer {layer}, head {head}", fontsize=9)
+    fig.supxlabel("attended to (key)")
+    fig.supylabel("attending (query)")
+    fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # a character missing from the font is drawn as a box, no need to say so
+        fig.savefig(path, dpi=100)
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
@@ -73,6 +116,18 @@ def main(argv=None):
             prompt_ids = tokenizer.encode(prompt)
         except ValueError as e:
             raise ValueError(f"--start: {e}") from None
+        if config.attention:
+            if not hasattr(model, "attention_maps"):
+                raise ValueError(f"--attention: {path} holds a {model.config.model_type} model, which has no attention")
+            # positions are learned up to block_size: the picture shows the last block_size characters
+            shown = prompt_ids[-model.config.block_size :]
+            maps = model.attention_maps(torch.tensor([shown], dtype=torch.long, device=device))  # (n_layer, nh, T, T)
+            draw_attention(maps, tokenizer.decode(shown), config.attention)
+            print(
+                f"wrote {config.attention}: attention of {maps.shape[0]} layers x {maps.shape[1]} heads "
+                f"over {len(shown)} characters{' (the last block_size of the prompt)' if len(shown) < len(prompt_ids) else ''}",
+                file=sys.stderr,
+            )
     except HelpRequested as e:
         print(e)
         return 0

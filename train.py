@@ -9,9 +9,13 @@
 
 Settings come from the dataclass defaults below, then the config file, then --key=value
 flags. The run writes into out_dir: config.json (the resolved settings), ckpt.pt (the
-latest state, at every eval), best.pt (the best val loss so far) and, at the end,
-samples.txt. Ctrl-C or SIGTERM saves ckpt.pt and exits; --init_from=resume continues
-exactly where the run stopped, and max_iters stays the total number of steps.
+latest state, at every eval), best.pt (the best val loss so far), metrics.jsonl (the logged
+numbers, one JSON object a line), loss.png (the loss curves, redrawn at every eval; needs
+matplotlib) and, at the end, samples.txt. On a terminal the progress is one line rewritten
+in place; otherwise a plain line every log_interval steps (see metrics.py). Each eval
+prints a short sample (eval_sample_chars). Ctrl-C or SIGTERM saves ckpt.pt and exits;
+--init_from=resume continues exactly where the run stopped, and max_iters stays the total
+number of steps; metrics.jsonl is cut back to that step and appended to.
 """
 
 import contextlib
@@ -32,6 +36,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import HelpRequested, knob, parse
+from metrics import Reporter
 from model import GPTConfig, build_model
 from tokenizer import CharTokenizer
 
@@ -46,7 +51,8 @@ class TrainConfig:
     # evaluation and logging
     eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps")
     eval_iters: int = knob(200, "batches per split in each loss estimate")
-    log_interval: int = knob(10, "print loss, lr, ms/iter and tokens/s every this many steps")
+    log_interval: int = knob(10, "log loss, lr, ms/iter, tokens/s, elapsed and ETA (a line, and metrics.jsonl) every this many steps")
+    eval_sample_chars: int = knob(200, "characters of text generated and printed at each eval (0: none)")
     sample_chars: int = knob(500, "characters of text generated into out_dir/samples.txt at the end")
     # data and optimisation
     batch_size: int = knob(64, "sequences per micro-step")
@@ -72,7 +78,7 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars"):
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
         for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
@@ -373,18 +379,23 @@ class StopRequested:
 # the run
 
 
-def train(config, model_config, log=print):
-    """Run the training loop; return a summary dict (iter_num, best_val_loss, ...)."""
+def train(config, model_config, log=print, live=None):
+    """Run the training loop; return a summary dict (iter_num, best_val_loss, ...).
+
+    log prints a line; live is a terminal stream to redraw a progress line on, or None for
+    plain log lines every log_interval steps."""
     config.validate()
     ddp, device = init_distributed(resolve_device(config.device))
     try:
-        return _train(config, model_config, log if ddp.master else (lambda msg: None), ddp, device)
+        if not ddp.master:
+            log, live = (lambda msg: None), None
+        return _train(config, model_config, log, live, ddp, device)
     finally:
         if ddp.world_size > 1:
             dist.destroy_process_group()
 
 
-def _train(config, model_config, log, ddp, device):
+def _train(config, model_config, log, live, ddp, device):
     device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device_type)
     if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -486,7 +497,10 @@ def _train(config, model_config, log, ddp, device):
     model.train()
     start_iter, t_start = iter_num, time.time()
     t_last, iters_since_log = time.time(), 0
-    with StopRequested() as stop:
+    report = Reporter(config.out_dir, log, live, start_iter, config.max_iters, tokens_per_iter,
+                      resume=config.init_from == "resume", write_files=ddp.master)
+    log = report.log  # so that no message lands on top of the live line
+    with StopRequested() as stop, report:  # report: the live line is ended however the loop ends
         while True:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
@@ -502,6 +516,11 @@ def _train(config, model_config, log, ddp, device):
                     best_val_loss = losses["val"]
                     save(best_path, with_optimizer=False)
                 save(ckpt_path)
+                if ddp.master:
+                    # a sample to watch the model improve; its own seeded generator leaves the
+                    # training RNG streams untouched, so a resumed run stays exact
+                    sample = sample_text(model, tokenizer, config.eval_sample_chars, device, config.seed) if config.eval_sample_chars else None
+                    report.eval(iter_num, losses, best_val_loss, sample)
                 t_last, iters_since_log = time.time(), 0  # eval time is not step time
             if last_step:
                 break
@@ -514,18 +533,17 @@ def _train(config, model_config, log, ddp, device):
             iter_num += 1
             iters_since_log += 1
 
+            if report.live_due():  # a terminal on rank 0 only: this process's own loss
+                report.show_live(iter_num, loss.item() * config.gradient_accumulation_steps, lr)
             if iter_num % config.log_interval == 0:
-                # a sync point, so only here; with DDP the mean over processes
+                # a sync point, so only here; with DDP the mean over processes, which all take part
                 lossf = ddp.sum(loss.detach() * config.gradient_accumulation_steps).item() / ddp.world_size
                 if not math.isfinite(lossf):
                     raise FloatingPointError(f"the loss is not finite at step {iter_num}; {ckpt_path} holds the last good state (try a lower --learning_rate)")
                 if config.compile and iter_num - start_iter == config.log_interval:
                     log(f"compiled, first {config.log_interval} steps took {time.time() - t0:.1f}s")
                 dt = (time.time() - t_last) / iters_since_log
-                log(
-                    f"iter {iter_num}: loss {lossf:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
-                    f"{tokens_per_iter / dt:,.0f} tokens/s, {flops_per_iter / dt / 1e12:.3f} TFLOP/s"
-                )
+                report.train_step(iter_num, lossf, lr, dt, flops_per_iter)
                 t_last, iters_since_log = time.time(), 0
 
     elapsed = time.time() - t_start
@@ -553,7 +571,8 @@ def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
         (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], "train.py [CONFIG_FILE] [--key=value ...]")
-        summary = train(config, model_config, log=lambda msg: print(msg, flush=True))
+        live = sys.stdout if sys.stdout.isatty() else None
+        summary = train(config, model_config, log=lambda msg: print(msg, flush=True), live=live)
     except HelpRequested as e:
         print(e)
         return 0

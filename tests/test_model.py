@@ -167,3 +167,25 @@ def test_bigram_generates():
     model = BigramLanguageModel(config)
     out = generate(model, torch.zeros(2, 1, dtype=torch.long), 20, True)
     assert out.shape == (2, 20)
+
+
+def test_attention_maps_are_causal_distributions_that_the_forward_uses():
+    model = tiny()
+    model.train()  # attention_maps must switch dropout off by itself, then restore the mode
+    idx = torch.randint(0, 11, (1, 12))
+    maps = model.attention_maps(idx)
+    assert model.training
+    model.eval()
+    assert maps.shape == (2, 4, 12, 12)  # (n_layer, n_head, T, T)
+    assert torch.allclose(maps.sum(-1), torch.ones(2, 4, 12), atol=1e-6)
+    assert torch.all(maps.triu(diagonal=1) == 0) and torch.all(maps.diagonal(dim1=-2, dim2=-1) > 0)
+    # rebuild each layer's attention output from these weights and the values alone
+    x = model.token_embedding_table(idx) + model.position_embedding_table(torch.arange(12))  # (1, T, C)
+    for layer, block in enumerate(model.blocks):
+        h = block.ln1(x)
+        v = block.sa.qkv(h).split(32, dim=2)[2].view(1, 12, 4, 8).transpose(1, 2)  # (1, nh, T, hs)
+        out = (maps[layer] @ v[0]).transpose(0, 1).reshape(1, 12, 32)  # (nh, T, hs) -> (1, T, C)
+        assert torch.allclose(block.sa.proj(out), block.sa(h), atol=1e-5), f"layer {layer}"
+        x = block(x)
+    with pytest.raises(ValueError, match="longer than block_size 16"):
+        model.attention_maps(torch.zeros(1, 17, dtype=torch.long))

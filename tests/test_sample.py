@@ -91,3 +91,56 @@ def test_sample_missing_or_broken_checkpoint(trained, tmp_path):
     result = sample("--out_dir", str(broken))
     assert result.returncode == 1 and "best.pt is not a readable checkpoint" in result.stderr
     assert len(result.stderr.strip().splitlines()) == 1
+
+
+def test_attention_picture(trained, tmp_path):
+    picture = tmp_path / "attn.png"
+    result = sample(f"--out_dir={trained}", "--start=ROMEO:", f"--attention={picture}", "--max_new_tokens=0")
+    assert result.returncode == 0, result.stderr
+    assert result.stdout == "ROMEO:\n" and "2 layers x 2 heads over 6 characters" in result.stderr
+    assert picture.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+def run_main(capsys, *flags):
+    import sample as sample_py
+
+    code = sample_py.main(list(flags))
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def test_attention_of_a_long_prompt_shows_its_last_block(trained, tmp_path, capsys):
+    picture = tmp_path / "attn.png"
+    code, out, err = run_main(capsys, f"--out_dir={trained}", "--start=" + "KING:\nthe king and queen", f"--attention={picture}",
+                              "--max_new_tokens=0", "--device=cpu")
+    assert code == 0 and "over 16 characters (the last block_size of the prompt)" in err and picture.exists()
+
+
+def test_attention_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
+    code, out, err = run_main(capsys, f"--out_dir={trained}", f"--attention={tmp_path / 'no' / 'attn.png'}")
+    assert code == 1 and out == "" and len(err.splitlines()) == 1 and str(tmp_path / "no") in err
+    monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
+    code, out, err = run_main(capsys, f"--out_dir={trained}", f"--attention={tmp_path / 'attn.png'}")
+    assert code == 1 and out == "" and err == "sample.py: error: --attention needs matplotlib, which is not installed (pip install matplotlib)"
+
+
+def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, text):
+    from prepare import prepare
+
+    prepare(text, str(tmp_path / "data" / "tiny"))
+    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1,
+                              eval_iters=1, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    code, out, err = run_main(capsys, f"--out_dir={tmp_path / 'out'}", f"--attention={tmp_path / 'attn.png'}")
+    assert code == 1 and "bigram model, which has no attention" in err and len(err.splitlines()) == 1
+
+
+def test_help_lists_every_option_with_its_meaning(capsys):
+    import dataclasses
+
+    import sample as sample_py
+
+    code, out, _ = run_main(capsys, "--help")
+    assert code == 0
+    for f in dataclasses.fields(sample_py.SampleConfig):
+        line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name}="))
+        assert f.metadata["help"] in line

@@ -101,6 +101,7 @@ def main_error(capsys, argv):
         (["--block_size=5000"], "--block_size=5000 is longer than the val split"),
         (["--batch_size=0"], "--batch_size must be at least 1"),
         (["--max_iters=-1"], "--max_iters must be 0 or more"),
+        (["--eval_sample_chars=-1"], "--eval_sample_chars must be 0 or more"),
         (["--init_from=resume"], "no checkpoint at"),
         (["--init_from=maybe"], "--init_from must be"),
         (["--dtype=float16"], "--dtype must be"),

@@ -1,0 +1,118 @@
+"""The loss of a trained checkpoint over a whole split: every character, once.
+
+    python eval.py --out_dir out                    # the val split of the dataset it was trained on
+    python eval.py --out_dir out --split=train
+    python eval.py --out_dir out-smoke --dataset=shakespeare_char --data_dir=data --device=cpu
+    python eval.py --help
+
+train.py's estimate_loss is a quick estimate from eval_iters random batches; this is the
+full figure. The split is cut into non-overlapping windows of block_size tokens, the last
+one shorter if the split does not divide evenly, and each window predicts every one of its
+positions: all len(split) - 1 next characters are scored exactly once. The price of not
+overlapping: the first position of each window sees one character of context, the second
+two, and so on, so the figure is a little worse than a model with a sliding full-length
+context would get. Eval mode (no dropout), float32, a fixed order: the same checkpoint
+gives the same number every time.
+
+Prints the mean cross-entropy in nats per character and in bits per character (loss / ln 2).
+Loads out_dir/best.pt if present, else out_dir/ckpt.pt, like sample.py.
+"""
+
+import math
+import os
+import sys
+from dataclasses import dataclass
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from configurator import HelpRequested, knob, parse
+from train import load_dataset, resolve_device
+
+
+@dataclass
+class EvalConfig:
+    out_dir: str = knob("out", "folder with best.pt or ckpt.pt")
+    split: str = knob("val", "'val' or 'train': which token file to score")
+    dataset: str = knob("", "read data_dir/DATASET/{train.bin,val.bin,meta.json} ('': the dataset the checkpoint was trained on)")
+    data_dir: str = knob("", "folder holding the prepared datasets ('': the checkpoint's, else 'data')")
+    batch_size: int = knob(64, "windows per forward pass (changes the speed, not the result)")
+    device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
+
+    def validate(self):
+        if self.split not in ("train", "val"):
+            raise ValueError(f"--split must be 'train' or 'val', got {self.split!r}")
+        if self.batch_size < 1:
+            raise ValueError(f"--batch_size must be at least 1, got {self.batch_size}")
+
+
+@torch.no_grad()
+def evaluate(model, data, block_size, batch_size, device="cpu"):
+    """(mean loss in nats, tokens scored, windows) of model over the token array data.
+
+    Window w holds inputs data[w*T : w*T + T] and targets shifted by one; the last window
+    is shorter when len(data) - 1 is not a multiple of T. The loss is a sum over every
+    target divided by their number, so windows of different lengths weigh by their size."""
+    model.eval()
+    n = len(data) - 1  # every token but the first is a target
+    if n < 1:
+        raise ValueError(f"the split has {len(data)} token(s): nothing to predict")
+    data = torch.from_numpy(np.asarray(data, dtype=np.int64))
+    n_full = n // block_size
+    total = 0.0  # summed in float64, so the order of additions hardly matters
+    for start in range(0, n_full, batch_size):
+        rows = torch.arange(start, min(start + batch_size, n_full))  # window numbers
+        offsets = rows[:, None] * block_size + torch.arange(block_size + 1)  # (B, T+1)
+        window = data[offsets].to(device)  # (B, T+1)
+        total += _summed_loss(model, window[:, :-1], window[:, 1:])
+    rest = n - n_full * block_size
+    if rest:
+        window = data[n_full * block_size :].to(device)[None]  # (1, rest+1)
+        total += _summed_loss(model, window[:, :-1], window[:, 1:])
+    return total / n, n, n_full + (1 if rest else 0)
+
+
+def _summed_loss(model, x, y):
+    logits, _ = model(x)  # (B, T, V)
+    B, T, V = logits.shape
+    return F.cross_entropy(logits.reshape(B * T, V).float(), y.reshape(B * T), reduction="sum").double().item()
+
+
+def main(argv=None):
+    argv = sys.argv[1:] if argv is None else argv
+    try:
+        (config,), _ = parse(argv, [EvalConfig()], "eval.py [--key=value ...]", config_file=False)
+        config.validate()
+        device = resolve_device(config.device)
+        path = find_checkpoint(config.out_dir)
+        checkpoint = load_checkpoint(path, device)
+        trained_on = checkpoint.get("train_config", {})
+        config.dataset = config.dataset or trained_on.get("dataset", "shakespeare_char")
+        config.data_dir = config.data_dir or trained_on.get("data_dir", "data")
+        train_data, val_data, tokenizer = load_dataset(config)
+        if checkpoint["vocab"] != tokenizer.chars:
+            meta = os.path.join(config.data_dir, config.dataset, "meta.json")
+            raise ValueError(
+                f"--dataset={config.dataset}: the vocabulary of {meta} ({tokenizer.vocab_size} characters) "
+                f"differs from that of {path} ({len(checkpoint['vocab'])}): evaluate on the dataset the model was trained on"
+            )
+        model, _ = model_from_checkpoint(checkpoint, device)
+        data = val_data if config.split == "val" else train_data
+        block_size = model.config.block_size
+        loss, n_tokens, n_windows = evaluate(model, data, block_size, config.batch_size, device)
+    except HelpRequested as e:
+        print(e)
+        return 0
+    except (ValueError, OSError) as e:
+        print(f"eval.py: error: {e}", file=sys.stderr)
+        return 1
+    split_path = os.path.join(config.data_dir, config.dataset, f"{config.split}.bin")
+    print(f"{path} (step {checkpoint['iter_num']}) on {split_path}: {n_tokens:,} predictions in {n_windows:,} windows of up to {block_size}")
+    print(f"{config.split} loss {loss:.4f}, {loss / math.log(2):.4f} bits per character")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

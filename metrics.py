@@ -1,0 +1,209 @@
+"""What a training run reports while it runs: the progress line, out_dir/metrics.jsonl and
+out_dir/loss.png. Used by train.py; nothing to run on its own.
+
+Progress: on a terminal, one line rewritten in place (\\r) a few times a second with the
+step, loss, lr, tokens/s, elapsed time and ETA; anywhere else (a log file, CI) the plain
+line below every log_interval steps, so logs stay readable and greppable:
+
+    iter 100: loss 2.4811, lr 1.00e-03, 48.2 ms/iter, 15,933 tokens/s, 0.031 TFLOP/s, elapsed 5s, ETA 1m31s
+
+metrics.jsonl holds one JSON object per line:
+    {"type": "train", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "tflops_per_s", "elapsed", "eta", "time"}
+        every log_interval steps; loss is that step's batch loss, elapsed and eta are seconds
+    {"type": "eval", "iter", "train_loss", "val_loss", "best_val_loss", "elapsed", "time", "sample"}
+        at every eval; the losses are estimate_loss's, sample the text printed with it (or null)
+A new run (init_from=scratch) starts the file afresh. A resumed run keeps the entries up to
+the step it resumes from, drops any later ones (written after that checkpoint, by a run
+that then died) and appends, so the file reads as one run; elapsed goes on from its last value.
+
+loss.png plots train and val loss against the step, with the best val loss marked; it is
+redrawn at every eval. matplotlib is optional: without it the plot is skipped with a
+one-time note.
+"""
+
+import json
+import os
+import tempfile
+import time
+
+LIVE_UPDATE_SECONDS = 0.2  # how often the terminal line is redrawn, at most
+
+
+def format_duration(seconds):
+    """12s, 3m05s, 2h07m: short enough for a status line."""
+    seconds = int(round(seconds))
+    if seconds < 60:
+        return f"{seconds}s"
+    if seconds < 3600:
+        return f"{seconds // 60}m{seconds % 60:02d}s"
+    return f"{seconds // 3600}h{seconds % 3600 // 60:02d}m"
+
+
+def read_records(path, up_to_iter=None):
+    """The entries of a metrics.jsonl, those with iter <= up_to_iter if given. A line that does
+    not parse (the half-written last line of a killed run) is skipped."""
+    records = []
+    if not os.path.isfile(path):
+        return records
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError:
+                continue
+            if isinstance(record, dict) and (up_to_iter is None or record.get("iter", 0) <= up_to_iter):
+                records.append(record)
+    return records
+
+
+def plot_losses(records, path, title=""):
+    """Draw train and val loss against the step into path (PNG); False when matplotlib is absent."""
+    try:
+        # the object API, not pyplot: no GUI backend, no global figure state
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    train = [r for r in records if r.get("type") == "train"]
+    evals = [r for r in records if r.get("type") == "eval"]
+    fig = Figure(figsize=(8, 4.5), layout="constrained")
+    ax = fig.subplots()
+    if train:
+        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.35, lw=1,
+                label="train loss (one batch)")
+    if evals:
+        steps = [r["iter"] for r in evals]
+        ax.plot(steps, [r["train_loss"] for r in evals], "o-", color="tab:blue", ms=3, label="train loss (eval)")
+        ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val loss (eval)")
+        best = min(evals, key=lambda r: r["val_loss"])
+        ax.plot([best["iter"]], [best["val_loss"]], "*", color="tab:red", ms=14, label=f"best val {best['val_loss']:.4f} at {best['iter']}")
+    ax.set_xlabel("iteration")
+    ax.set_ylabel("loss (nats per character)")
+    ax.set_title(title)
+    ax.grid(alpha=0.3)
+    if train or evals:
+        ax.legend()
+    # a temporary file and a rename, so a viewer never sees half a PNG
+    fd, tmp = tempfile.mkstemp(prefix=".tmp-loss", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
+    try:
+        with os.fdopen(fd, "wb") as f:
+            fig.savefig(f, format="png", dpi=100)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+    return True
+
+
+class Reporter:
+    """Progress for a person and metrics for a program, from one training run.
+
+    log prints a finished line; live is a terminal stream for the in-place line, or None for
+    plain lines. Messages must go through self.log so that they never land on top of the
+    live line."""
+
+    def __init__(self, out_dir, log, live, start_iter, max_iters, tokens_per_iter, resume, write_files=True):
+        self._log, self.live = log, live
+        self.start_iter, self.max_iters, self.tokens_per_iter = start_iter, max_iters, tokens_per_iter
+        self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
+        self.plot_path = os.path.join(out_dir, "loss.png")
+        self.title = os.path.basename(os.path.abspath(out_dir))
+        self.write_files = write_files  # False in all but one of several processes
+        self.records = read_records(self.metrics_path, up_to_iter=start_iter) if resume else []
+        if write_files:
+            with open(self.metrics_path, "w", encoding="utf-8") as f:  # afresh, or cut at the resume point
+                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+        self.elapsed_before = self.records[-1].get("elapsed", 0.0) if self.records else 0.0
+        self.t_start = time.time()
+        self.live_showing, self.plot_note_given = False, False
+        self.t_mark, self.iter_mark = self.t_start, start_iter  # where the live line's tokens/s counts from
+
+    # -- time
+
+    def elapsed(self):
+        """Seconds of training, counting earlier runs of a resumed one."""
+        return self.elapsed_before + time.time() - self.t_start
+
+    def eta(self, iter_num):
+        """Seconds to max_iters at this run's pace so far (eval time included), or None before a step."""
+        done = iter_num - self.start_iter
+        if done <= 0:
+            return None
+        return (time.time() - self.t_start) / done * (self.max_iters - iter_num)
+
+    def _times(self, iter_num):
+        eta = self.eta(iter_num)
+        return f"elapsed {format_duration(self.elapsed())}, ETA {'?' if eta is None else format_duration(eta)}"
+
+    # -- output
+
+    def log(self, message):
+        if self.live_showing:
+            self.live.write("\n")  # keep the last live line, start a fresh one below it
+            self.live_showing = False
+        self._log(message)
+
+    def _write(self, record):
+        record = {**record, "elapsed": round(self.elapsed(), 3), "time": round(time.time(), 3)}
+        self.records.append(record)
+        if not self.write_files:
+            return
+        with open(self.metrics_path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+
+    def live_due(self):
+        """True when the terminal line is worth redrawing now (never without a terminal)."""
+        return self.live is not None and time.time() - self.t_mark >= LIVE_UPDATE_SECONDS
+
+    def show_live(self, iter_num, loss, lr):
+        now = time.time()
+        tokens_per_s = self.tokens_per_iter * (iter_num - self.iter_mark) / max(now - self.t_mark, 1e-9)
+        self.t_mark, self.iter_mark = now, iter_num
+        line = (
+            f"iter {iter_num}/{self.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"{tokens_per_s:,.0f} tokens/s | {self._times(iter_num).replace(', ', ' | ')}"
+        )
+        self.live.write("\r" + line + "\x1b[K")  # \x1b[K clears what a longer line left behind
+        self.live.flush()
+        self.live_showing = True
+
+    def train_step(self, iter_num, loss, lr, dt, flops_per_iter):
+        """Every log_interval steps: a metrics entry, and the plain line where there is no terminal."""
+        tokens_per_s = self.tokens_per_iter / dt
+        eta = self.eta(iter_num)
+        self._write({
+            "type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
+            "tokens_per_s": tokens_per_s, "tflops_per_s": flops_per_iter / dt / 1e12,
+            "eta": None if eta is None else round(eta, 3),
+        })
+        if self.live is None:
+            self.log(
+                f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
+                f"{tokens_per_s:,.0f} tokens/s, {flops_per_iter / dt / 1e12:.3f} TFLOP/s, {self._times(iter_num)}"
+            )
+
+    def eval(self, iter_num, losses, best_val_loss, sample=None):
+        """After an eval: its metrics entry, the sample printed below it, and a new loss.png."""
+        self._write({
+            "type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
+            "best_val_loss": best_val_loss, "sample": sample,
+        })
+        if sample:
+            self.log("\n".join("  " + line for line in sample.lstrip("\n").splitlines()))
+        if not plot_losses(self.records, self.plot_path, self.title) and not self.plot_note_given:
+            self.log("note: matplotlib is not installed, so there is no loss.png (pip install matplotlib)")
+            self.plot_note_given = True
+        # the time of the eval is not step time: the live tokens/s counts from here
+        self.t_mark, self.iter_mark = time.time(), iter_num
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        if self.live_showing:
+            self.live.write("\n")
+            self.live.flush()
+            self.live_showing = False
