@@ -153,7 +153,7 @@ def bench_sample(args, overrides):
           f"{cached / uncached:.1f}x")
     print(f"--num_samples 10: {rate(args.new_tokens, True, batch=10):,.0f} chars/s with the cache")
     print("| new characters | KV cache s | uncached s |\n|---|---|---|")
-    for n in (100, 300, 1000, 2000):
+    for n in sorted({max(1, args.new_tokens // 10), max(1, args.new_tokens // 3), args.new_tokens, 2 * args.new_tokens}):
         print(f"| {n} | {n / rate(n, True):.2f} | {n / rate(n, False):.2f} |")
 
 
@@ -170,7 +170,7 @@ def main():
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=16)
     p = sub.add_parser("loss", help="wall time to a target val loss")
-    p.add_argument("config")
+    p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
     p.add_argument("--out_dir", default="out-bench")
     p = sub.add_parser("sample", help="generation speed")

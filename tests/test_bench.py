@@ -1,0 +1,35 @@
+"""bench.py runs end to end on a tiny model (it reports timings; nothing here asserts one)."""
+
+import os
+import subprocess
+import sys
+
+import train
+from conftest import ROOT, tiny_configs
+
+
+def bench(*args):
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], capture_output=True, text=True,
+                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    assert result.returncode == 0, result.stderr
+    return result.stdout
+
+
+def test_bench_train_compares_fast_and_reference(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\ndropout = 0.1\ndevice = 'cpu'\n")
+    out = bench("train", str(cfg), "--iters=2", "--warmup=1", "--n_embd=64")
+    assert "| fast (" in out and "| reference (" in out and "speed-up" in out
+    assert "n_embd 64" in out  # flags after the config override it
+
+
+def test_bench_sample_and_loss(data_dir, tmp_path):
+    out_dir = tmp_path / "o"
+    train.train(*tiny_configs(data_dir, out_dir, max_iters=10, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    out = bench("sample", f"--out_dir={out_dir}", "--new_tokens=40")
+    assert "KV cache" in out and "uncached" in out and "--num_samples 10" in out
+    out = bench("loss", "--target=3.5", f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny",
+                "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--max_iters=30",
+                "--eval_interval=10", "--eval_iters=2", "--device=cpu", "--eval_sample_chars=0", "--sample_chars=0",
+                "--learning_rate=0.01")
+    assert "val loss <= 3.5 first at step" in out
