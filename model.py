@@ -90,6 +90,32 @@ class Head(nn.Module):
         return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
 
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper mask on the CPU.
+
+    PyTorch's CPU dropout draws one random number per element, and that drawing was most of
+    the cost of dropout: 0.1 on the residual branches made a training step of the 30-minute
+    recipe 67% slower here. This draws 64 random bits at a time and cuts them into four
+    16-bit numbers, one per element, kept when at or above p * 2**16 of the range: the
+    same Bernoulli(1 - p) mask, with p rounded to 1/65536, from the same seeded generator.
+    On other devices (CUDA draws masks in the kernel) it is plain F.dropout."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-32768, 32767]
+        keep = uniform16 >= round(self.p * 65536) - 32768  # true with probability 1 - p
+        return x * keep * (1.0 / (1.0 - self.p))
+
+
 class KVCache:
     """Preallocated keys and values of every layer for generation, plus the position filled so far.
 
@@ -118,7 +144,7 @@ class MultiHeadAttention(nn.Module):
         self.attn_dropout = config.attn_dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         self.proj = nn.Linear(config.n_embd, config.n_embd)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
@@ -170,7 +196,7 @@ class FeedForward(nn.Module):
             nn.Linear(config.n_embd, 4 * config.n_embd),
             nn.ReLU(),
             nn.Linear(4 * config.n_embd, config.n_embd),
-            nn.Dropout(config.dropout),
+            Dropout(config.dropout),
         )
 
     def forward(self, x):

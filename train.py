@@ -69,7 +69,7 @@ class TrainConfig:
     # system
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
     dtype: str = knob("auto", "'auto' (bfloat16 where the device computes it fast, else float32), float32 or bfloat16")
-    compile: bool = knob(False, "torch.compile the model (slow start, faster steps)")
+    compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
 
     def validate(self):

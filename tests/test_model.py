@@ -6,7 +6,7 @@ import math
 import pytest
 import torch
 
-from model import GPT, BigramLanguageModel, GPTConfig, KVCache, sample_next
+from model import GPT, BigramLanguageModel, Dropout, GPTConfig, KVCache, sample_next
 
 
 def tiny(**overrides):
@@ -189,3 +189,21 @@ def test_attention_maps_are_causal_distributions_that_the_forward_uses():
         x = block(x)
     with pytest.raises(ValueError, match="longer than block_size 16"):
         model.attention_maps(torch.zeros(1, 17, dtype=torch.long))
+
+
+def test_dropout_drops_a_fraction_p_and_keeps_the_mean():
+    torch.manual_seed(0)
+    dropout = Dropout(0.1).train()
+    x = torch.ones(400, 1000, requires_grad=True)
+    y = dropout(x)
+    assert abs((y == 0).float().mean().item() - 0.1) < 0.003
+    assert torch.allclose(y[y != 0], torch.tensor(1 / 0.9))
+    y.sum().backward()  # the gradient passes through the kept elements only, scaled alike
+    assert torch.equal(x.grad, y.detach())
+    # a shape whose size does not divide by 4; masks differ between calls, repeat with the seed
+    torch.manual_seed(1)
+    a, b = dropout(torch.ones(3, 5, 7)), dropout(torch.ones(3, 5, 7))
+    torch.manual_seed(1)
+    assert torch.equal(a, dropout(torch.ones(3, 5, 7))) and not torch.equal(a, b)
+    dropout.eval()
+    assert dropout(x) is x
