@@ -148,13 +148,16 @@ def bench_sample(args, overrides):
         return n * batch / (time.perf_counter() - t0)
 
     rate(20, True)  # warm up
-    cached, uncached = rate(args.new_tokens, True), rate(args.new_tokens, False)
-    print(f"batch 1, {args.new_tokens} new characters: KV cache {cached:,.0f} chars/s, uncached {uncached:,.0f} chars/s, "
+    n = args.new_tokens
+    lengths = sorted({max(1, n // 10), max(1, n // 3), n})
+    seconds = {(m, kv): m / rate(m, kv) for m in lengths for kv in (True, False)}
+    cached, uncached = n / seconds[n, True], n / seconds[n, False]
+    print(f"batch 1, {n} new characters: KV cache {cached:,.0f} chars/s, uncached {uncached:,.0f} chars/s, "
           f"{cached / uncached:.1f}x")
-    print(f"--num_samples 10: {rate(args.new_tokens, True, batch=10):,.0f} chars/s with the cache")
+    print(f"--num_samples 10: {rate(n, True, batch=10):,.0f} chars/s with the cache")
     print("| new characters | KV cache s | uncached s |\n|---|---|---|")
-    for n in sorted({max(1, args.new_tokens // 10), max(1, args.new_tokens // 3), args.new_tokens, 2 * args.new_tokens}):
-        print(f"| {n} | {n / rate(n, True):.2f} | {n / rate(n, False):.2f} |")
+    for m in lengths:
+        print(f"| {m} | {seconds[m, True]:.2f} | {seconds[m, False]:.2f} |")
 
 
 def main():
