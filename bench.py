@@ -20,7 +20,7 @@ import torch
 import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
-from model import GPT, GPTConfig, build_model
+from model import GPT, Dropout, GPTConfig, build_model
 
 
 def load_configs(config_path, overrides):
@@ -43,8 +43,9 @@ class RandomBatches:
 
 def time_steps(config, model_config, iters, warmup, reference=False):
     """(ms per step, compile seconds, dtype, model) of train.py's step. The reference is what a
-    plain implementation runs: float32, eager, foreach AdamW, and the lecture's dropout on
-    the attention weights too (which keeps SDPA off its fused kernel while training)."""
+    plain implementation runs: float32, eager, foreach AdamW, PyTorch's nn.Dropout, and the
+    lecture's dropout on the attention weights too (which keeps SDPA off its fused kernel
+    while training)."""
     device = train.resolve_device(config.device)
     device_type = device.split(":")[0]
     dtype = "float32" if reference else train.resolve_dtype(config.dtype, device_type)
@@ -53,6 +54,11 @@ def time_steps(config, model_config, iters, warmup, reference=False):
         model_config = dataclasses.replace(model_config, attn_dropout=model_config.dropout)
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
+    if reference:  # PyTorch's own dropout, one random number per element
+        for module in list(model.modules()):
+            for name, child in module.named_children():
+                if isinstance(child, Dropout):
+                    setattr(module, name, torch.nn.Dropout(child.p))
     model.train()
     optimizer = train.make_optimizer(model, config, device_type, fused=not reference)
     step_model = model if reference or not config.compile else torch.compile(model)
@@ -90,7 +96,7 @@ def bench_train(args, overrides):
     flops = model.flops_per_token() * tokens
     print("| path | ms/iter | tokens/s | TFLOP/s |\n|---|---|---|---|")
     print(throughput_row(f"fast ({dtype}{', compiled' if config.compile else ''}, fused AdamW)", fast_ms, tokens, flops))
-    print(throughput_row("reference (float32, eager, foreach AdamW, lecture's attention dropout)", ref_ms, tokens, flops))
+    print(throughput_row("reference (float32, eager, foreach AdamW, nn.Dropout, lecture's attention dropout)", ref_ms, tokens, flops))
     print(f"speed-up {ref_ms / fast_ms:.2f}x" + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
 
 
