@@ -25,6 +25,7 @@ context, cropped to the last block_size tokens, for every new token.
 This file only defines the network: no I/O, no argument parsing.
 """
 
+import copy
 import math
 from dataclasses import dataclass, field
 
@@ -157,15 +158,17 @@ class MultiHeadAttention(nn.Module):
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
             )  # (B, nh, T, hs)
         else:
-            # Prefill writes the whole prompt at position 0 and needs the causal mask; a
-            # decode step adds one query that may see every cached position, so no mask.
             pos = cache.pos
             assert pos == 0 or T == 1, "the cache takes a prefill at 0 or one token at a time"
-            cache.k[layer][:, :, pos : pos + T] = k
+            cache.k[layer][:, :, pos : pos + T] = k  # stored in the cache's dtype
             cache.v[layer][:, :, pos : pos + T] = v
-            k = cache.k[layer][:, :, : pos + T]  # (B, nh, pos+T, hs)
-            v = cache.v[layer][:, :, : pos + T]  # (B, nh, pos+T, hs)
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=(pos == 0 and T > 1))  # (B, nh, T, hs)
+            if pos == 0:  # prefill: the prompt attends to itself, causally
+                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
+            else:  # decode: one query that sees every cached position, so no mask
+                k = cache.k[layer][:, :, : pos + 1]  # (B, nh, pos+1, hs)
+                v = cache.v[layer][:, :, : pos + 1]  # (B, nh, pos+1, hs)
+                # the cache may be wider than x (float32 keys for a float16 decoder, see generate)
+                out = F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(x.dtype)  # (B, nh, 1, hs)
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.dropout(self.proj(out))
 
@@ -231,7 +234,8 @@ class LanguageModel(nn.Module):
             raise ValueError(f"input has {T} tokens, longer than block_size {self.config.block_size}")
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True):
+    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True,
+                 decode_dtype=None):
         """Yield max_new_tokens next tokens, a (B,) tensor each, continuing idx (B, T).
 
         temperature 0 picks the most likely token; top_k > 0 keeps the k most likely
@@ -239,10 +243,18 @@ class LanguageModel(nn.Module):
         reaches top_p. A seeded torch.Generator makes the draw reproducible.
 
         With kv_cache the context window is rebuilt from the last block_size // 2 tokens
-        whenever it is full; without it, every step runs the last block_size tokens."""
+        whenever it is full; without it, every step runs the last block_size tokens.
+
+        decode_dtype (with kv_cache): run the one-token decode steps on a copy of the weights
+        in this dtype, e.g. torch.float16. A decode step reads every weight once to do little
+        arithmetic with it, so half the bytes is nearly half the time; prefills, which are
+        matrix products, and the cached keys and values stay in the model's own dtype."""
         if idx.shape[1] == 0:
             raise ValueError("generation needs at least one token of context")
         use_cache = kv_cache and isinstance(self, GPT)
+        decoder = self
+        if use_cache and decode_dtype not in (None, self.lm_head.weight.dtype):
+            decoder = copy.deepcopy(self).to(decode_dtype)  # a copy: the model keeps its weights
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -255,7 +267,7 @@ class LanguageModel(nn.Module):
                 cache = KVCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
                 logits = self.forward_cached(context, cache)  # (B, V)
             else:
-                logits = self.forward_cached(idx[:, -1:], cache)  # (B, V)
+                logits = decoder.forward_cached(idx[:, -1:], cache)  # (B, V)
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T+1)
             yield idx_next
@@ -323,8 +335,8 @@ class GPT(LanguageModel):
         values to the cache; return the logits of the last position, (B, vocab_size)."""
         B, T = idx.shape
         assert cache.pos + T <= self.config.block_size, "the cache holds block_size positions"
-        pos = torch.arange(cache.pos, cache.pos + T, device=idx.device)
-        x = self.token_embedding_table(idx) + self.position_embedding_table(pos)  # (B, T, C)
+        pos_emb = self.position_embedding_table.weight[cache.pos : cache.pos + T]  # (T, C)
+        x = self.token_embedding_table(idx) + pos_emb  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)  # (B, T, C)
         cache.pos += T

@@ -38,6 +38,7 @@ from checkpoint import load_checkpoint, save_checkpoint
 from configurator import HelpRequested, knob, parse
 from metrics import Reporter
 from model import GPTConfig, build_model
+from muon import MuonAdamW
 from tokenizer import CharTokenizer
 
 
@@ -66,6 +67,8 @@ class TrainConfig:
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: no clipping)")
+    optimizer: str = knob("adamw", "'adamw', or 'muon': Muon for the Blocks' weight matrices, AdamW for the rest (muon.py)")
+    muon_lr: float = knob(0.02, "peak learning rate of the Muon matrices (same warmup and decay as learning_rate)")
     # system
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
     dtype: str = knob("auto", "'auto' (bfloat16 where the device computes it fast, else float32), float32 or bfloat16")
@@ -81,7 +84,7 @@ class TrainConfig:
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip"):
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"--{key} must be a finite number >= 0, got {value}")
@@ -92,6 +95,8 @@ class TrainConfig:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
         if self.init_from not in ("scratch", "resume"):
             raise ValueError(f"--init_from must be 'scratch' or 'resume', got {self.init_from!r}")
+        if self.optimizer not in ("adamw", "muon"):
+            raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
             raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
 
@@ -237,11 +242,23 @@ def get_lr(it, config):
 
 def make_optimizer(model, config, device_type, fused=True):
     """AdamW with weight decay on the 2-D weights (matmuls, embeddings) and not on biases or
-    LayerNorm gains. fused=False gives PyTorch's default (foreach) update."""
-    params = [p for p in model.parameters() if p.requires_grad]
+    LayerNorm gains; fused=False gives PyTorch's default (foreach) update. With
+    --optimizer=muon the weight matrices inside the Blocks take Muon's update at muon_lr.
+    Each group's "lr_scale" is its learning rate over learning_rate, for the schedule."""
+    named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
+    if config.optimizer == "muon":
+        is_muon = lambda name, p: name.startswith("blocks.") and p.dim() == 2
+        groups = [
+            {"params": [p for n, p in named if is_muon(n, p)], "muon": True,
+             "lr_scale": config.muon_lr / config.learning_rate, "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if not is_muon(n, p) and p.dim() >= 2], "muon": False,
+             "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if p.dim() < 2], "muon": False, "weight_decay": 0.0},
+        ]
+        return MuonAdamW(groups, betas=(config.beta1, config.beta2))
     groups = [
-        {"params": [p for p in params if p.dim() >= 2], "weight_decay": config.weight_decay},
-        {"params": [p for p in params if p.dim() < 2], "weight_decay": 0.0},
+        {"params": [p for n, p in named if p.dim() >= 2], "weight_decay": config.weight_decay},
+        {"params": [p for n, p in named if p.dim() < 2], "weight_decay": 0.0},
     ]
     # the fused kernel updates every parameter in one pass; it exists for CUDA and CPU
     fused = fused and device_type in ("cuda", "cpu")
@@ -504,7 +521,7 @@ def _train(config, model_config, log, live, ddp, device):
         while True:
             lr = get_lr(iter_num, config)
             for group in optimizer.param_groups:
-                group["lr"] = lr
+                group["lr"] = lr * group.get("lr_scale", 1.0)
 
             last_step = iter_num == config.max_iters
             if (iter_num % config.eval_interval == 0 or last_step) and not (iter_num == start_iter and iter_num > 0):

@@ -1,6 +1,7 @@
 """The network: causality, the fused attention against the lecture's Head, init, learning,
 and generation (KV cache against the uncached path, sampling controls)."""
 
+import copy
 import math
 
 import pytest
@@ -127,6 +128,32 @@ def test_cached_generation_past_block_size_follows_its_window():
         logits, _ = model(idx[:, start:])
         idx = torch.cat([idx, sample_next(logits[:, -1], generator=g)[:, None]], dim=1)
     assert torch.equal(cached, idx[:, prompt.shape[1] :])
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_decode_stays_close_to_float32(dtype):
+    """The float32 model prefills; a 16-bit copy decodes into the same float32 cache."""
+    model = tiny()
+    idx = torch.randint(0, 11, (2, 16))
+    full, _ = model(idx)
+    decoder = copy.deepcopy(model).to(dtype)
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    model.forward_cached(idx[:, :6], cache)
+    for t in range(6, 16):
+        step = decoder.forward_cached(idx[:, t : t + 1], cache)
+        assert step.dtype == dtype
+        assert torch.allclose(step.float(), full[:, t], atol=0.03), (t, (step.float() - full[:, t]).abs().max())
+
+
+def test_half_precision_generation_runs_past_block_size_and_leaves_the_model_alone():
+    model = tiny()
+    prompt = torch.randint(0, 11, (2, 3))
+    n = 3 * model.config.block_size  # two rebuilds of the cache
+    tokens = generate(model, prompt, n, True, decode_dtype=torch.float16)
+    assert tokens.shape == (2, n) and 0 <= tokens.min() and tokens.max() < 11
+    assert all(p.dtype == torch.float32 for p in model.parameters())
+    # float32 decode_dtype is the model itself: the same tokens as no decode_dtype
+    assert torch.equal(generate(model, prompt, n, True, decode_dtype=torch.float32), generate(model, prompt, n, True))
 
 
 def test_same_seed_same_text_and_different_seed_differs():

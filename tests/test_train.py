@@ -40,6 +40,17 @@ def test_short_run_lowers_val_loss_and_writes_outputs(data_dir, tmp_path):
     assert ckpt["best_val_loss"] == pytest.approx(min(losses), abs=1e-4)
 
 
+def test_muon_run_learns_and_uses_muon_for_the_block_matrices_only(data_dir, tmp_path):
+    summary, log = run(data_dir, tmp_path / "out", optimizer="muon", muon_lr=0.02, sample_chars=0)
+    losses = val_losses(log)
+    assert losses[-1] < losses[0] - 0.5, log
+    state = load_checkpoint(str(tmp_path / "out" / "ckpt.pt"))["optimizer"]
+    muon_group, *adamw_groups = state["param_groups"]
+    assert muon_group["muon"] and not any(g["muon"] for g in adamw_groups)
+    # 2 layers x (qkv, proj, fc1, fc2) matrices; embeddings and lm_head go to AdamW
+    assert len(muon_group["params"]) == 8 and len(adamw_groups[0]["params"]) == 3
+
+
 def test_best_val_loss_is_never_replaced_by_a_worse_one(data_dir, tmp_path):
     # a learning rate this high makes the val loss bounce: best.pt must keep the best
     out = tmp_path / "out"
@@ -64,11 +75,12 @@ def test_save_load_gives_identical_logits(tmp_path):
     assert tokenizer.chars == "abcdefg"
 
 
-def test_resume_is_exact(data_dir, tmp_path):
+@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
+def test_resume_is_exact(data_dir, tmp_path, optimizer):
     """Stopped at step 10 and resumed to 30, the weights equal a run straight to 30, bit for bit,
-    with dropout on (so the RNG state must come back too)."""
+    with dropout on (so the RNG state must come back too), with either optimizer."""
     # the schedule must not depend on where the run stops, so lr_decay_iters is pinned
-    kw = dict(dropout=0.1, eval_interval=10, max_iters=30, lr_decay_iters=30, sample_chars=0)
+    kw = dict(dropout=0.1, eval_interval=10, max_iters=30, lr_decay_iters=30, sample_chars=0, optimizer=optimizer)
     run(data_dir, tmp_path / "a", **kw)
     run(data_dir, tmp_path / "b", **{**kw, "max_iters": 10})
     summary, log = run(data_dir, tmp_path / "b", **{**kw, "init_from": "resume"})
@@ -104,6 +116,8 @@ def main_error(capsys, argv):
         (["--init_from=resume"], "no checkpoint at"),
         (["--init_from=maybe"], "--init_from must be"),
         (["--dtype=float16"], "--dtype must be"),
+        (["--optimizer=sgd"], "--optimizer must be 'adamw' or 'muon'"),
+        (["--muon_lr=-1"], "--muon_lr must be a finite number >= 0"),
         (["--device=tpu"], "--device"),
         (["--n_head=3"], "--n_embd=32 must be divisible by --n_head=3"),
     ],
