@@ -21,6 +21,7 @@ import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
 from model import GPT, Dropout, GPTConfig, build_model
+from sample import resolve_decode_dtype
 
 
 def load_configs(config_path, overrides):
@@ -143,13 +144,14 @@ def bench_sample(args, overrides):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=65)).eval()  # the lecture's model; random weights cost the same
         where = "the lecture's model (6 x 384, block 256), random weights"
-    print(f"{where}; {torch.get_num_threads()} threads")
+    decode_dtype = resolve_decode_dtype(args.decode_dtype, "cpu")
+    print(f"{where}; {torch.get_num_threads()} threads; decode steps in {str(decode_dtype).replace('torch.', '')}")
 
-    def rate(n, kv_cache, batch=1):
+    def rate(n, kv_cache, batch=1, dtype=decode_dtype):
         idx = torch.zeros(batch, 1, dtype=torch.long)
         generator = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache):
+        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=dtype):
             pass
         return n * batch / (time.perf_counter() - t0)
 
@@ -158,8 +160,9 @@ def bench_sample(args, overrides):
     lengths = sorted({max(1, n // 10), max(1, n // 3), n})
     seconds = {(m, kv): m / rate(m, kv) for m in lengths for kv in (True, False)}
     cached, uncached = n / seconds[n, True], n / seconds[n, False]
+    cached32 = rate(n, True, dtype=torch.float32)
     print(f"batch 1, {n} new characters: KV cache {cached:,.0f} chars/s, uncached {uncached:,.0f} chars/s, "
-          f"{cached / uncached:.1f}x")
+          f"{cached / uncached:.1f}x (KV cache with float32 decode steps: {cached32:,.0f} chars/s)")
     print(f"--num_samples 10: {rate(n, True, batch=10):,.0f} chars/s with the cache")
     print("| new characters | KV cache s | uncached s |\n|---|---|---|")
     for m in lengths:
@@ -185,6 +188,7 @@ def main():
     p = sub.add_parser("sample", help="generation speed")
     p.add_argument("--out_dir", default=None)
     p.add_argument("--new_tokens", type=int, default=1000)
+    p.add_argument("--decode_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
     args, overrides = parser.parse_known_args()
     try:
         {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}[args.what](args, overrides)

@@ -18,16 +18,17 @@ NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
 def orthogonalize(G, steps=5, eps=1e-7):
-    """The nearest semi-orthogonal matrix to G (U V^T of its SVD), approximately."""
+    """The nearest semi-orthogonal matrix to G (U V^T of its SVD), approximately; G may be a
+    stack of matrices (..., m, n)."""
     a, b, c = NS_COEFFS
-    X = G / (G.norm() + eps)  # singular values <= 1
-    transposed = X.size(0) > X.size(1)
+    X = G / (G.norm(dim=(-2, -1), keepdim=True) + eps)  # singular values <= 1
+    transposed = X.size(-2) > X.size(-1)
     if transposed:
-        X = X.T  # (small, large): the products below are then (small, small)
+        X = X.mT  # (small, large): the products below are then (small, small)
     for _ in range(steps):
-        A = X @ X.T  # (m, m)
-        X = a * X + (b * A + c * A @ A) @ X  # (m, n)
-    return X.T if transposed else X
+        A = X @ X.mT  # (..., m, m)
+        X = a * X + (b * A + c * A @ A) @ X  # (..., m, n)
+    return X.mT if transposed else X
 
 
 class MuonAdamW(torch.optim.Optimizer):
@@ -43,33 +44,44 @@ class MuonAdamW(torch.optim.Optimizer):
     @torch.no_grad()
     def step(self):
         for group in self.param_groups:
-            lr, wd = group["lr"], group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                state = self.state[p]
-                if group["muon"]:
-                    if not state:
-                        state["momentum_buffer"] = torch.zeros_like(p)
-                    buf = state["momentum_buffer"]
-                    buf.lerp_(p.grad, 1 - group["momentum"])
-                    g = p.grad.lerp(buf, group["momentum"])  # Nesterov: look one step ahead
-                    update = orthogonalize(g)
-                    # tall matrices: an orthogonal (m, n) update has entries ~ 1/sqrt(m), scale up
-                    scale = max(1.0, p.size(0) / p.size(1)) ** 0.5
-                    p.mul_(1 - lr * wd)
-                    p.add_(update, alpha=-lr * scale)
-                else:
-                    if not state:
-                        state["step"] = 0
-                        state["exp_avg"] = torch.zeros_like(p)
-                        state["exp_avg_sq"] = torch.zeros_like(p)
-                    beta1, beta2 = group["betas"]
-                    state["step"] += 1
-                    state["exp_avg"].lerp_(p.grad, 1 - beta1)
-                    state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
-                    bias1 = 1 - beta1 ** state["step"]
-                    bias2 = 1 - beta2 ** state["step"]
-                    denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(group["eps"])
-                    p.mul_(1 - lr * wd)
-                    p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
+            params = [p for p in group["params"] if p.grad is not None]
+            if params and group["muon"]:
+                self._muon_step(params, group)
+            elif params:
+                self._adamw_step(params, group)
+
+    def _muon_step(self, params, group):
+        lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
+        by_shape = {}  # matrices of one shape are orthogonalized together, as a stack
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["momentum_buffer"] = torch.zeros_like(p)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum)))  # Nesterov: one step ahead
+        for (rows, cols), pairs in by_shape.items():
+            updates = orthogonalize(torch.stack([g for _, g in pairs]))  # (n, rows, cols)
+            # a tall orthogonal matrix has entries ~ 1/sqrt(rows): scale it up to match
+            scale = max(1.0, rows / cols) ** 0.5
+            for (p, _), update in zip(pairs, updates):
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
+
+    def _adamw_step(self, params, group):
+        lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
+        beta1, beta2 = group["betas"]
+        for p in params:
+            state = self.state[p]
+            if not state:
+                state["step"] = 0
+                state["exp_avg"] = torch.zeros_like(p)
+                state["exp_avg_sq"] = torch.zeros_like(p)
+            state["step"] += 1
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            bias1 = 1 - beta1 ** state["step"]
+            bias2 = 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(eps)
+            p.mul_(1 - lr * wd)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)

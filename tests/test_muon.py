@@ -48,3 +48,11 @@ def test_muon_steps_along_the_orthogonalized_momentum_and_adamw_as_adamw():
 def test_muon_rejects_a_vector():
     with pytest.raises(ValueError, match="2-D"):
         MuonAdamW([{"params": [torch.nn.Parameter(torch.zeros(3))], "muon": True, "lr": 0.1, "weight_decay": 0.0}])
+
+
+def test_a_stack_is_orthogonalized_matrix_by_matrix():
+    torch.manual_seed(0)
+    G = torch.randn(3, 24, 8)
+    stacked = orthogonalize(G)
+    for i in range(3):
+        assert torch.allclose(stacked[i], orthogonalize(G[i]), atol=1e-5)
