@@ -16,8 +16,9 @@ grow with depth; lm_head starts at zero so that the loss at init is exactly ln(v
 (the lecture's model starts at 4.87 instead of ln(65) = 4.17). The token embedding and
 lm_head are NOT tied, as in the lecture.
 
-Generation keeps a key/value cache (KVCache): the prompt is run once (prefill), then each
-new token costs one position (decode). Positions are learned for 0..block_size-1 only, so
+Generation keeps a key/value cache (KVCache): the prompt is run once (GPT.prefill), then
+each new token costs one position (Decoder, the same math written flat for speed, with
+the weights in float16 on the CPU when sample.py asks for it). Positions are learned for 0..block_size-1 only, so
 when the cache is full it is rebuilt from the last block_size // 2 tokens and decoding
 goes on (see GPT.generate). With kv_cache=False the lecture's loop runs instead: the whole
 context, cropped to the last block_size tokens, for every new token.
@@ -25,7 +26,6 @@ context, cropped to the last block_size tokens, for every new token.
 This file only defines the network: no I/O, no argument parsing.
 """
 
-import copy
 import math
 from dataclasses import dataclass, field
 
@@ -130,6 +130,49 @@ class KVCache:
         self.pos = 0
 
 
+class Decoder:
+    """GPT's decode step: one new token per sequence through every Block, its keys and
+    values appended to a KVCache that GPT.prefill started.
+
+    The same math as Block.forward at one position, written flat: a decode step does little
+    arithmetic, so on a CPU the nn.Module calls cost a third of it. The weights may be a
+    copy in another dtype (float16 halves the bytes a step reads, and reading them is most
+    of its time); the keys and values stay in the cache's dtype. A test checks the logits
+    against GPT.forward."""
+
+    def __init__(self, model, dtype=None):
+        w = lambda t: t.detach().to(dtype or t.dtype)  # the same tensor when the dtype matches
+        self.n_head, self.C = model.config.n_head, model.config.n_embd
+        self.dtype = model.lm_head.weight.dtype if dtype is None else dtype
+        self.tok_emb, self.pos_emb = w(model.token_embedding_table.weight), w(model.position_embedding_table.weight)
+        self.layers = [
+            [w(t) for t in (b.ln1.weight, b.ln1.bias, b.sa.qkv.weight, b.sa.proj.weight, b.sa.proj.bias,
+                            b.ln2.weight, b.ln2.bias, b.ffwd.net[0].weight, b.ffwd.net[0].bias,
+                            b.ffwd.net[2].weight, b.ffwd.net[2].bias)]
+            for b in model.blocks
+        ]
+        self.ln_f = (w(model.ln_f.weight), w(model.ln_f.bias))
+        self.lm_head = (w(model.lm_head.weight), w(model.lm_head.bias))
+
+    def __call__(self, idx, cache):
+        """idx (B,) at position cache.pos -> logits (B, vocab_size)."""
+        B, C, nh, pos = idx.shape[0], self.C, self.n_head, cache.pos
+        assert pos < cache.k[0].shape[2], "the cache holds block_size positions"
+        x = self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
+        for layer, (ln1_w, ln1_b, qkv_w, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fc2_w, fc2_b) in enumerate(self.layers):
+            k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
+            qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w)  # (B, 3C)
+            qkv = qkv.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
+            k_cache[:, :, pos : pos + 1] = qkv[:, 1]
+            v_cache[:, :, pos : pos + 1] = qkv[:, 2]
+            # one query sees every cached position, so no mask
+            out = F.scaled_dot_product_attention(qkv[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
+            x = x + F.linear(out.view(B, C).to(x.dtype), proj_w, proj_b)  # (B, C)
+            x = x + F.linear(F.relu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)), fc2_w, fc2_b)  # (B, C)
+        cache.pos += 1
+        return F.linear(F.layer_norm(x, (C,), *self.ln_f), *self.lm_head)  # (B, vocab_size)
+
+
 class MultiHeadAttention(nn.Module):
     """n_head Heads side by side, computed together.
 
@@ -157,18 +200,11 @@ class MultiHeadAttention(nn.Module):
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
             )  # (B, nh, T, hs)
-        else:
-            pos = cache.pos
-            assert pos == 0 or T == 1, "the cache takes a prefill at 0 or one token at a time"
-            cache.k[layer][:, :, pos : pos + T] = k  # stored in the cache's dtype
-            cache.v[layer][:, :, pos : pos + T] = v
-            if pos == 0:  # prefill: the prompt attends to itself, causally
-                out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-            else:  # decode: one query that sees every cached position, so no mask
-                k = cache.k[layer][:, :, : pos + 1]  # (B, nh, pos+1, hs)
-                v = cache.v[layer][:, :, : pos + 1]  # (B, nh, pos+1, hs)
-                # the cache may be wider than x (float32 keys for a float16 decoder, see generate)
-                out = F.scaled_dot_product_attention(q.to(k.dtype), k, v).to(x.dtype)  # (B, nh, 1, hs)
+        else:  # prefill: the prompt attends to itself, causally, and leaves its keys and values
+            assert cache.pos == 0, "prefill starts an empty cache; Decoder adds one position at a time"
+            cache.k[layer][:, :, :T] = k
+            cache.v[layer][:, :, :T] = v
+            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
         return self.dropout(self.proj(out))
 
@@ -252,9 +288,7 @@ class LanguageModel(nn.Module):
         if idx.shape[1] == 0:
             raise ValueError("generation needs at least one token of context")
         use_cache = kv_cache and isinstance(self, GPT)
-        decoder = self
-        if use_cache and decode_dtype not in (None, self.lm_head.weight.dtype):
-            decoder = copy.deepcopy(self).to(decode_dtype)  # a copy: the model keeps its weights
+        decoder = Decoder(self, decode_dtype) if use_cache else None
         cache = None
         for _ in range(max_new_tokens):
             if not use_cache:
@@ -265,9 +299,9 @@ class LanguageModel(nn.Module):
                 keep = self.config.block_size if cache is None else self.config.block_size // 2
                 context = idx[:, -keep:]
                 cache = KVCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
-                logits = self.forward_cached(context, cache)  # (B, V)
+                logits = self.prefill(context, cache)  # (B, V)
             else:
-                logits = decoder.forward_cached(idx[:, -1:], cache)  # (B, V)
+                logits = decoder(idx[:, -1], cache)  # (B, V)
             idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
             idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T+1)
             yield idx_next
@@ -330,16 +364,15 @@ class GPT(LanguageModel):
         loss = None if targets is None else self._loss(logits, targets)
         return logits, loss
 
-    def forward_cached(self, idx, cache):
-        """Run idx (B, T) at positions cache.pos.. through the model, adding its keys and
-        values to the cache; return the logits of the last position, (B, vocab_size)."""
+    def prefill(self, idx, cache):
+        """Run the prompt idx (B, T) through the model into an empty cache; return the logits
+        of its last position, (B, vocab_size). Decoder then adds one position at a time."""
         B, T = idx.shape
-        assert cache.pos + T <= self.config.block_size, "the cache holds block_size positions"
-        pos_emb = self.position_embedding_table.weight[cache.pos : cache.pos + T]  # (T, C)
-        x = self.token_embedding_table(idx) + pos_emb  # (B, T, C)
+        self._check_length(T)
+        x = self.token_embedding_table(idx) + self.position_embedding_table.weight[:T]  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)  # (B, T, C)
-        cache.pos += T
+        cache.pos = T
         return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, vocab_size)
 
     @torch.no_grad()

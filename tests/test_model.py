@@ -1,13 +1,12 @@
 """The network: causality, the fused attention against the lecture's Head, init, learning,
 and generation (KV cache against the uncached path, sampling controls)."""
 
-import copy
 import math
 
 import pytest
 import torch
 
-from model import GPT, BigramLanguageModel, Dropout, GPTConfig, KVCache, sample_next
+from model import GPT, BigramLanguageModel, Decoder, Dropout, GPTConfig, KVCache, sample_next
 
 
 def tiny(**overrides):
@@ -96,11 +95,13 @@ def test_cached_logits_match_uncached():
     idx = torch.randint(0, 11, (2, 16))
     full, _ = model(idx)
     cache = KVCache(model.config, 2, "cpu", torch.float32)
-    prefill = model.forward_cached(idx[:, :6], cache)
+    prefill = model.prefill(idx[:, :6], cache)
     assert torch.allclose(prefill, full[:, 5], atol=1e-5)
+    decoder = Decoder(model)
     for t in range(6, 16):
-        step = model.forward_cached(idx[:, t : t + 1], cache)
+        step = decoder(idx[:, t], cache)
         assert torch.allclose(step, full[:, t], atol=1e-5)
+    assert cache.pos == 16
 
 
 def test_cached_and_uncached_generation_agree_within_block_size():
@@ -136,11 +137,11 @@ def test_half_precision_decode_stays_close_to_float32(dtype):
     model = tiny()
     idx = torch.randint(0, 11, (2, 16))
     full, _ = model(idx)
-    decoder = copy.deepcopy(model).to(dtype)
+    decoder = Decoder(model, dtype)
     cache = KVCache(model.config, 2, "cpu", torch.float32)
-    model.forward_cached(idx[:, :6], cache)
+    model.prefill(idx[:, :6], cache)
     for t in range(6, 16):
-        step = decoder.forward_cached(idx[:, t : t + 1], cache)
+        step = decoder(idx[:, t], cache)
         assert step.dtype == dtype
         assert torch.allclose(step.float(), full[:, t], atol=0.03), (t, (step.float() - full[:, t]).abs().max())
 
