@@ -249,11 +249,11 @@ def make_optimizer(model, config, device_type, fused=True):
     if config.optimizer == "muon":
         is_muon = lambda name, p: name.startswith("blocks.") and p.dim() == 2
         groups = [
-            {"params": [p for n, p in named if is_muon(n, p)], "muon": True,
+            {"params": [p for n, p in named if is_muon(n, p)], "muon": True, "lr": config.muon_lr,
              "lr_scale": config.muon_lr / config.learning_rate, "weight_decay": config.weight_decay},
             {"params": [p for n, p in named if not is_muon(n, p) and p.dim() >= 2], "muon": False,
-             "weight_decay": config.weight_decay},
-            {"params": [p for n, p in named if p.dim() < 2], "muon": False, "weight_decay": 0.0},
+             "lr": config.learning_rate, "weight_decay": config.weight_decay},
+            {"params": [p for n, p in named if p.dim() < 2], "muon": False, "lr": config.learning_rate, "weight_decay": 0.0},
         ]
         return MuonAdamW(groups, betas=(config.beta1, config.beta2))
     groups = [
