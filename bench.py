@@ -44,15 +44,16 @@ class RandomBatches:
 
 def time_steps(config, model_config, iters, warmup, reference=False):
     """(ms per step, compile seconds, dtype, model) of train.py's step. The reference is what a
-    plain implementation runs: float32, eager, foreach AdamW, PyTorch's nn.Dropout, and the
-    lecture's dropout on the attention weights too (which keeps SDPA off its fused kernel
-    while training)."""
+    plain implementation runs: float32, eager, foreach AdamW (whatever --optimizer says),
+    PyTorch's nn.Dropout, and the lecture's dropout on the attention weights too (which keeps
+    SDPA off its fused kernel while training)."""
     device = train.resolve_device(config.device)
     device_type = device.split(":")[0]
     dtype = "float32" if reference else train.resolve_dtype(config.dtype, device_type)
     ctx = train.autocast_context(device_type, dtype)
     if reference:
         model_config = dataclasses.replace(model_config, attn_dropout=model_config.dropout)
+        config = dataclasses.replace(config, optimizer="adamw")
     torch.manual_seed(0)
     model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
     if reference:  # PyTorch's own dropout, one random number per element
@@ -96,7 +97,8 @@ def bench_train(args, overrides):
     ref_ms, _, _, _ = time_steps(config, model_config, args.iters, args.warmup, reference=True)
     flops = model.flops_per_token() * tokens
     print("| path | ms/iter | tokens/s | TFLOP/s |\n|---|---|---|---|")
-    print(throughput_row(f"fast ({dtype}{', compiled' if config.compile else ''}, fused AdamW)", fast_ms, tokens, flops))
+    optimizer = "Muon + fused AdamW" if config.optimizer == "muon" else "fused AdamW"
+    print(throughput_row(f"fast ({dtype}{', compiled' if config.compile else ''}, {optimizer})", fast_ms, tokens, flops))
     print(throughput_row("reference (float32, eager, foreach AdamW, nn.Dropout, lecture's attention dropout)", ref_ms, tokens, flops))
     print(f"speed-up {ref_ms / fast_ms:.2f}x" + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
 

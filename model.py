@@ -27,6 +27,7 @@ This file only defines the network: no I/O, no argument parsing.
 """
 
 import math
+import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -130,47 +131,69 @@ class KVCache:
         self.pos = 0
 
 
+def decode_linear(weight, bias, dtype):
+    """x -> F.linear(x, weight, bias) with the weight stored in dtype for Decoder.
+
+    torch.int8: one int8 per weight with a scale per output row, and the input quantized to
+    8 bits on the fly at each call (PyTorch's dynamic-quantized CPU kernels, FBGEMM on x86):
+    a quarter of the float32 bytes. The input and output stay float32."""
+    if dtype != torch.int8:
+        w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
+        return lambda x: F.linear(x, w, b)
+    if weight.device.type != "cpu" or "quantized" not in dir(torch.ops) or torch.backends.quantized.engine == "none":
+        raise ValueError("int8 decoding needs PyTorch's quantized CPU kernels, which this device or build lacks")
+    weight = weight.detach().float()
+    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # one scale per output row
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao, which is not a dependency
+        qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+        packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+    reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")  # 7-bit inputs keep x86's int16 sums exact
+    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
+
+
 class Decoder:
     """GPT's decode step: one new token per sequence through every Block, its keys and
     values appended to a KVCache that GPT.prefill started.
 
     The same math as Block.forward at one position, written flat: a decode step does little
-    arithmetic, so on a CPU the nn.Module calls cost a third of it. The weights may be a
-    copy in another dtype (float16 halves the bytes a step reads, and reading them is most
-    of its time); the keys and values stay in the cache's dtype. A test checks the logits
-    against GPT.forward."""
+    arithmetic, so on a CPU the nn.Module calls cost a third of it. The matrices may be a
+    copy in another dtype (float16 halves the bytes a step reads, int8 quarters them, and
+    reading them is most of its time); the keys and values stay in the cache's dtype. Tests
+    check the logits against GPT.forward."""
 
     def __init__(self, model, dtype=None):
-        w = lambda t: t.detach().to(dtype or t.dtype)  # the same tensor when the dtype matches
-        self.n_head, self.C = model.config.n_head, model.config.n_embd
-        self.dtype = model.lm_head.weight.dtype if dtype is None else dtype
-        self.tok_emb, self.pos_emb = w(model.token_embedding_table.weight), w(model.position_embedding_table.weight)
+        dtype = dtype or model.lm_head.weight.dtype
+        vec_dtype = torch.float32 if dtype == torch.int8 else dtype  # embeddings, LayerNorm, activations
+        v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
+        lin = lambda m: decode_linear(m.weight, m.bias, dtype)
+        self.n_head, self.C, self.dtype = model.config.n_head, model.config.n_embd, vec_dtype
+        self.tok_emb, self.pos_emb = v(model.token_embedding_table.weight), v(model.position_embedding_table.weight)
         self.layers = [
-            [w(t) for t in (b.ln1.weight, b.ln1.bias, b.sa.qkv.weight, b.sa.proj.weight, b.sa.proj.bias,
-                            b.ln2.weight, b.ln2.bias, b.ffwd.net[0].weight, b.ffwd.net[0].bias,
-                            b.ffwd.net[2].weight, b.ffwd.net[2].bias)]
+            (v(b.ln1.weight), v(b.ln1.bias), lin(b.sa.qkv), lin(b.sa.proj),
+             v(b.ln2.weight), v(b.ln2.bias), lin(b.ffwd.net[0]), lin(b.ffwd.net[2]))
             for b in model.blocks
         ]
-        self.ln_f = (w(model.ln_f.weight), w(model.ln_f.bias))
-        self.lm_head = (w(model.lm_head.weight), w(model.lm_head.bias))
+        self.ln_f = (v(model.ln_f.weight), v(model.ln_f.bias))
+        self.lm_head = lin(model.lm_head)
 
     def __call__(self, idx, cache):
         """idx (B,) at position cache.pos -> logits (B, vocab_size)."""
         B, C, nh, pos = idx.shape[0], self.C, self.n_head, cache.pos
         assert pos < cache.k[0].shape[2], "the cache holds block_size positions"
         x = self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
-        for layer, (ln1_w, ln1_b, qkv_w, proj_w, proj_b, ln2_w, ln2_b, fc_w, fc_b, fc2_w, fc2_b) in enumerate(self.layers):
+        for layer, (ln1_w, ln1_b, qkv, proj, ln2_w, ln2_b, fc, fc2) in enumerate(self.layers):
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
-            qkv = F.linear(F.layer_norm(x, (C,), ln1_w, ln1_b), qkv_w)  # (B, 3C)
-            qkv = qkv.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
-            k_cache[:, :, pos : pos + 1] = qkv[:, 1]
-            v_cache[:, :, pos : pos + 1] = qkv[:, 2]
+            q_k_v = qkv(F.layer_norm(x, (C,), ln1_w, ln1_b))  # (B, 3C)
+            q_k_v = q_k_v.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
+            k_cache[:, :, pos : pos + 1] = q_k_v[:, 1]
+            v_cache[:, :, pos : pos + 1] = q_k_v[:, 2]
             # one query sees every cached position, so no mask
-            out = F.scaled_dot_product_attention(qkv[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
-            x = x + F.linear(out.view(B, C).to(x.dtype), proj_w, proj_b)  # (B, C)
-            x = x + F.linear(F.relu(F.linear(F.layer_norm(x, (C,), ln2_w, ln2_b), fc_w, fc_b)), fc2_w, fc2_b)  # (B, C)
+            out = F.scaled_dot_product_attention(q_k_v[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
+            x = x + proj(out.view(B, C).to(x.dtype))  # (B, C)
+            x = x + fc2(F.relu(fc(F.layer_norm(x, (C,), ln2_w, ln2_b))))  # (B, C)
         cache.pos += 1
-        return F.linear(F.layer_norm(x, (C,), *self.ln_f), *self.lm_head)  # (B, vocab_size)
+        return self.lm_head(F.layer_norm(x, (C,), *self.ln_f))  # (B, vocab_size)
 
 
 class MultiHeadAttention(nn.Module):

@@ -29,7 +29,7 @@ from configurator import HelpRequested, knob, parse
 from train import resolve_device
 
 
-DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
+DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
 def resolve_decode_dtype(name, device):

@@ -67,6 +67,20 @@ def test_eval_equals_a_hand_computation_over_windows(trained, length):
         assert loss == pytest.approx(total / count, rel=1e-6)
 
 
+def test_eval_through_the_decoder(trained, capsys):
+    """float32 through the KV-cache decoder scores the same windows as the full forward;
+    narrower decoders stay close."""
+    flags = [f"--out_dir={trained / 'out'}", f"--data_dir={trained / 'data'}", "--device=cpu"]
+    loss = lambda out: float(re.search(r"val loss.* (\d+\.\d+), ", out).group(1))
+    full = loss(run_eval(capsys, *flags)[1])
+    code, out, err = run_eval(capsys, *flags, "--decode_dtype=float32")
+    assert code == 0 and "through the KV-cache decoder in float32" in out, err
+    assert loss(out) == pytest.approx(full, abs=1e-4)
+    for dtype, tolerance in (("float16", 0.01), ("int8", 0.05)):
+        code, out, err = run_eval(capsys, *flags, f"--decode_dtype={dtype}")
+        assert code == 0 and loss(out) == pytest.approx(full, abs=tolerance), (dtype, out)
+
+
 def test_eval_rejects_a_dataset_with_another_vocabulary(trained, capsys):
     prepare("Ωμέγα, ça va? " * 40, str(trained / "data" / "other"))
     code, out, err = run_eval(capsys, f"--out_dir={trained / 'out'}", f"--data_dir={trained / 'data'}", "--dataset=other")
@@ -81,6 +95,7 @@ def test_eval_rejects_a_dataset_with_another_vocabulary(trained, capsys):
         (["--split=test"], "--split must be 'train' or 'val'"),
         (["--batch_size=0"], "--batch_size must be at least 1"),
         (["--batch_size=x"], "--batch_size expects an integer"),
+        (["--decode_dtype=int4"], "--decode_dtype must be"),
         (["--dataset=nothere"], "nothere/train.bin not found"),
         (["--device=tpu"], "--device"),
         (["--colour=red"], "unknown config key 'colour'"),
