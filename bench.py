@@ -146,29 +146,32 @@ def bench_sample(args, overrides):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=65)).eval()  # the lecture's model; random weights cost the same
         where = "the lecture's model (6 x 384, block 256), random weights"
-    decode_dtype = resolve_decode_dtype(args.decode_dtype, "cpu")
-    print(f"{where}; {torch.get_num_threads()} threads; decode steps in {str(decode_dtype).replace('torch.', '')}")
+    auto = resolve_decode_dtype(args.decode_dtype, "cpu")
+    name = lambda dtype: str(dtype).replace("torch.", "")
+    print(f"{where}; {torch.get_num_threads()} threads; sample.py's default decode dtype here: {name(auto)}")
 
-    def rate(n, kv_cache, batch=1, dtype=decode_dtype):
+    def seconds(n, kv_cache, batch=1, dtype=auto):
         idx = torch.zeros(batch, 1, dtype=torch.long)
         generator = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
         for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=dtype):
             pass
-        return n * batch / (time.perf_counter() - t0)
+        return time.perf_counter() - t0
 
-    rate(20, True)  # warm up
+    seconds(20, True)  # warm up
     n = args.new_tokens
+    uncached = n / seconds(n, False)
+    print(f"batch 1, {n} new characters from one:")
+    print("| path | chars/s | vs uncached |\n|---|---|---|")
+    print(f"| uncached (the lecture's loop, float32) | {uncached:,.0f} | 1.0x |")
+    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
+        rate = n / seconds(n, True, dtype=dtype)
+        print(f"| KV cache, {name(dtype)} decode steps | {rate:,.0f} | {rate / uncached:.1f}x |")
+    print(f"--num_samples 10: {10 * n / seconds(n, True, batch=10):,.0f} chars/s with the cache ({name(auto)})")
     lengths = sorted({max(1, n // 10), max(1, n // 3), n})
-    seconds = {(m, kv): m / rate(m, kv) for m in lengths for kv in (True, False)}
-    cached, uncached = n / seconds[n, True], n / seconds[n, False]
-    cached32 = rate(n, True, dtype=torch.float32)
-    print(f"batch 1, {n} new characters: KV cache {cached:,.0f} chars/s, uncached {uncached:,.0f} chars/s, "
-          f"{cached / uncached:.1f}x (KV cache with float32 decode steps: {cached32:,.0f} chars/s)")
-    print(f"--num_samples 10: {rate(n, True, batch=10):,.0f} chars/s with the cache")
-    print("| new characters | KV cache s | uncached s |\n|---|---|---|")
+    print(f"| new characters | KV cache ({name(auto)}) s | uncached s |\n|---|---|---|")
     for m in lengths:
-        print(f"| {m} | {seconds[m, True]:.2f} | {seconds[m, False]:.2f} |")
+        print(f"| {m} | {seconds(m, True):.2f} | {seconds(m, False):.2f} |")
 
 
 def main():
@@ -190,7 +193,8 @@ def main():
     p = sub.add_parser("sample", help="generation speed")
     p.add_argument("--out_dir", default=None)
     p.add_argument("--new_tokens", type=int, default=1000)
-    p.add_argument("--decode_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16"])
+    p.add_argument("--decode_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
+                   help="sample.py's --decode_dtype: the dtype of the KV cache rows and lengths table")
     args, overrides = parser.parse_known_args()
     try:
         {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}[args.what](args, overrides)
