@@ -428,6 +428,9 @@ def _train(config, model_config, log, live, ddp, device):
         checkpoint = load_checkpoint(ckpt_path, device)
         if "optimizer" not in checkpoint:
             raise ValueError(f"{ckpt_path} holds no optimizer state, so it cannot be resumed")
+        saved = checkpoint.get("train_config", {}).get("optimizer", "adamw")
+        if saved != config.optimizer:
+            raise ValueError(f"--optimizer={config.optimizer} differs from the {saved!r} that {ckpt_path} was trained with")
         model_config = resume_model_config(checkpoint, ckpt_path, model_config, tokenizer)
     model_config.validate()
     for split, data in (("train", train_data), ("val", val_data)):

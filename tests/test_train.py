@@ -92,6 +92,12 @@ def test_resume_is_exact(data_dir, tmp_path, optimizer):
     assert a["best_val_loss"] == b["best_val_loss"]
 
 
+def test_resume_rejects_another_optimizer(data_dir, tmp_path):
+    run(data_dir, tmp_path / "o", max_iters=4, eval_interval=2, sample_chars=0, optimizer="muon")
+    with pytest.raises(ValueError, match="--optimizer=adamw differs from the 'muon'"):
+        run(data_dir, tmp_path / "o", init_from="resume", max_iters=8, optimizer="adamw")
+
+
 def test_resume_rejects_a_different_model(data_dir, tmp_path):
     run(data_dir, tmp_path / "o", max_iters=5, eval_interval=5, sample_chars=0)
     with pytest.raises(ValueError, match="--n_layer=3 does not match n_layer=2"):
