@@ -17,9 +17,9 @@ grow with depth; lm_head starts at zero so that the loss at init is exactly ln(v
 lm_head are NOT tied, as in the lecture.
 
 Generation keeps a key/value cache (KVCache): the prompt is run once (GPT.prefill), then
-each new token costs one position (Decoder, the same math written flat for speed, with
-the weights in float16 on the CPU when sample.py asks for it). Positions are learned for 0..block_size-1 only, so
-when the cache is full it is rebuilt from the last block_size // 2 tokens and decoding
+each new token costs one position (Decoder: the same math written flat for speed, its
+weights optionally in float16 or int8). Positions are learned for 0..block_size-1 only,
+so when the cache is full it is rebuilt from the last block_size // 2 tokens and decoding
 goes on (see GPT.generate). With kv_cache=False the lecture's loop runs instead: the whole
 context, cropped to the last block_size tokens, for every new token.
 
@@ -140,14 +140,17 @@ def decode_linear(weight, bias, dtype):
     if dtype != torch.int8:
         w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
         return lambda x: F.linear(x, w, b)
-    if weight.device.type != "cpu" or "quantized" not in dir(torch.ops) or torch.backends.quantized.engine == "none":
-        raise ValueError("int8 decoding needs PyTorch's quantized CPU kernels, which this device or build lacks")
+    if weight.device.type != "cpu":
+        raise ValueError(f"int8 decoding runs on the CPU only, not on {weight.device.type}")
     weight = weight.detach().float()
     scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # one scale per output row
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao, which is not a dependency
-        qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-        packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao, not a dependency
+            qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
+            packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
+    except (RuntimeError, AttributeError) as e:
+        raise ValueError(f"int8 decoding needs PyTorch's quantized CPU kernels, which this build lacks ({e})") from None
     reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")  # 7-bit inputs keep x86's int16 sums exact
     return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
 
@@ -157,7 +160,7 @@ class Decoder:
     values appended to a KVCache that GPT.prefill started.
 
     The same math as Block.forward at one position, written flat: a decode step does little
-    arithmetic, so on a CPU the nn.Module calls cost a third of it. The matrices may be a
+    arithmetic, so on a CPU the nn.Module calls were a quarter of its time. The matrices may be a
     copy in another dtype (float16 halves the bytes a step reads, int8 quarters them, and
     reading them is most of its time); the keys and values stay in the cache's dtype. Tests
     check the logits against GPT.forward."""
@@ -167,7 +170,7 @@ class Decoder:
         vec_dtype = torch.float32 if dtype == torch.int8 else dtype  # embeddings, LayerNorm, activations
         v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
         lin = lambda m: decode_linear(m.weight, m.bias, dtype)
-        self.n_head, self.C, self.dtype = model.config.n_head, model.config.n_embd, vec_dtype
+        self.n_head, self.C = model.config.n_head, model.config.n_embd
         self.tok_emb, self.pos_emb = v(model.token_embedding_table.weight), v(model.position_embedding_table.weight)
         self.layers = [
             (v(b.ln1.weight), v(b.ln1.bias), lin(b.sa.qkv), lin(b.sa.proj),
@@ -305,9 +308,10 @@ class LanguageModel(nn.Module):
         whenever it is full; without it, every step runs the last block_size tokens.
 
         decode_dtype (with kv_cache): run the one-token decode steps on a copy of the weights
-        in this dtype, e.g. torch.float16. A decode step reads every weight once to do little
-        arithmetic with it, so half the bytes is nearly half the time; prefills, which are
-        matrix products, and the cached keys and values stay in the model's own dtype."""
+        in this dtype: torch.float16, torch.bfloat16 or torch.int8 (see Decoder). A decode
+        step reads every weight once to do little arithmetic with it, so fewer bytes is less
+        time; prefills, which are matrix products, and the cached keys and values stay in
+        the model's own dtype."""
         if idx.shape[1] == 0:
             raise ValueError("generation needs at least one token of context")
         use_cache = kv_cache and isinstance(self, GPT)

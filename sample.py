@@ -32,14 +32,26 @@ from train import resolve_device
 DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 
 
-def resolve_decode_dtype(name, device):
-    """A decode step reads every weight once for one character, so its time is the bytes
-    read: 16-bit weights halve it. On the CPU PyTorch has a fast float16 (and bfloat16)
-    matrix-vector kernel even without native 16-bit arithmetic; see the README for figures."""
+# float32 weights above this many bytes no longer stay in a CPU's caches between decode steps
+CACHE_BYTES = 16 * 2**20
+
+
+def resolve_decode_dtype(name, model, batch_size=1):
+    """The dtype of Decoder's weights for this model. A decode step reads every weight once
+    to do little arithmetic with it, so once the weights no longer fit in the CPU's caches
+    its time is mostly the bytes read from memory. 'auto' on the CPU: float32 for a model
+    under 16 MB of weights, else float16 for one sample (PyTorch's float16 matrix-vector
+    kernel is the fastest then, even without native 16-bit arithmetic) and int8 for a
+    batch (its kernels also do small matrix products well; float16's do not); bfloat16 on
+    CUDA; float32 elsewhere. Measured in the README."""
     if name != "auto":
         return DECODE_DTYPES[name]
-    device_type = torch.device(device).type
-    return {"cpu": torch.float16, "cuda": torch.bfloat16}.get(device_type, torch.float32)
+    device_type = next(model.parameters()).device.type
+    if device_type == "cpu":
+        if sum(p.numel() for p in model.parameters()) * 4 <= CACHE_BYTES:
+            return torch.float32
+        return torch.float16 if batch_size == 1 else torch.int8
+    return torch.bfloat16 if device_type == "cuda" else torch.float32
 
 
 @dataclass
@@ -54,7 +66,7 @@ class SampleConfig:
     seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
     kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
-    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (float16 on the CPU, bfloat16 on CUDA, else float32), float32, float16 or bfloat16")
+    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (CPU: float32 for a model under 16 MB, else float16 for one sample and int8 for several; CUDA: bfloat16), float32, float16, bfloat16 or int8")
     attention: str = knob("", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)")
 
     def validate(self):
@@ -69,7 +81,7 @@ class SampleConfig:
         if not 0 < self.top_p <= 1:
             raise ValueError(f"--top_p must be in (0, 1], got {self.top_p}")
         if self.decode_dtype not in ("auto", *DECODE_DTYPES):
-            raise ValueError(f"--decode_dtype must be auto, float32, float16 or bfloat16, got {self.decode_dtype!r}")
+            raise ValueError(f"--decode_dtype must be auto, float32, float16, bfloat16 or int8, got {self.decode_dtype!r}")
         if self.attention:
             folder = os.path.dirname(os.path.abspath(self.attention))
             if not os.path.isdir(folder):
@@ -161,7 +173,7 @@ def main(argv=None):
         top_p=config.top_p,
         generator=generator,
         kv_cache=config.kv_cache,
-        decode_dtype=resolve_decode_dtype(config.decode_dtype, device),
+        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples),
     )
     if config.num_samples == 1:
         sys.stdout.write(prompt)

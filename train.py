@@ -68,7 +68,7 @@ class TrainConfig:
     beta2: float = knob(0.99, "AdamW beta2")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: no clipping)")
     optimizer: str = knob("adamw", "'adamw', or 'muon': Muon for the Blocks' weight matrices, AdamW for the rest (muon.py)")
-    muon_lr: float = knob(0.02, "peak learning rate of the Muon matrices (same warmup and decay as learning_rate)")
+    muon_lr: float = knob(0.01, "peak learning rate of the Muon matrices (same warmup and decay as learning_rate)")
     # system
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
     dtype: str = knob("auto", "'auto' (bfloat16 where the device computes it fast, else float32), float32 or bfloat16")

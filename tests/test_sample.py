@@ -37,6 +37,20 @@ def test_sample_prints_text(trained):
     assert again.stdout == result.stdout  # same seed, same text
 
 
+def test_sample_decode_dtypes(trained):
+    """Each --decode_dtype streams the same amount of text; float32 is the model as trained,
+    so its text equals the uncached loop's for the same seed while the text fits in
+    block_size (16 here; past it the two paths keep different windows)."""
+    flags = ["--start=ROMEO:", "--max_new_tokens=10", "--seed=5"]
+    uncached = sample(f"--out_dir={trained}", *flags, "--kv_cache=False")
+    for dtype in ("float32", "float16", "int8"):
+        result = sample(f"--out_dir={trained}", *flags, f"--decode_dtype={dtype}")
+        assert result.returncode == 0, result.stderr
+        assert len(result.stdout) == len("ROMEO:") + 10 + 1
+        if dtype == "float32":
+            assert result.stdout == uncached.stdout
+
+
 def test_sample_batch_and_file_prompt(trained, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("KING:\n", encoding="utf-8")
@@ -67,6 +81,7 @@ def test_sample_prefers_best_then_ckpt(trained, tmp_path):
         (["--num_samples=2.5"], "--num_samples expects an integer"),
         (["--max_new_tokens=-3"], "--max_new_tokens must be 0 or more"),
         (["--colour=red"], "unknown config key 'colour'"),
+        (["--decode_dtype=int4"], "--decode_dtype must be auto, float32, float16, bfloat16 or int8"),
     ],
 )
 def test_sample_bad_input(trained, flags, message):
