@@ -407,7 +407,14 @@ def train(config, model_config, log=print, live=None):
     try:
         if not ddp.master:
             log, live = (lambda msg: None), None
-        return _train(config, model_config, log, live, ddp, device)
+        summary = _train(config, model_config, log, live, ddp, device)
+        if ddp.world_size > 1:
+            # Leave together. The last collective (the final checkpoint's all_gather) holds
+            # Python tensors that a gloo worker thread releases a moment after wait() returns;
+            # a process already shutting down its interpreter then dies with SIGABRT. The
+            # barrier keeps every process here until rank 0 has written its checkpoint.
+            dist.barrier()
+        return summary
     finally:
         if ddp.world_size > 1:
             dist.destroy_process_group()
