@@ -98,15 +98,14 @@ def bench_train(args, overrides):
     flops = model.flops_per_token() * tokens
     print("| path | ms/iter | tokens/s | TFLOP/s |\n|---|---|---|---|")
     kernels = f"{dtype}{', compiled' if config.compile else ''}"
-    if config.optimizer == "muon":  # Muon's own cost, apart from the kernels'
-        print(throughput_row(f"fast ({kernels}, Muon + fused AdamW)", fast_ms, tokens, flops))
+    muon = config.optimizer == "muon"
+    print(throughput_row(f"fast ({kernels}, {'Muon + ' if muon else ''}fused AdamW)", fast_ms, tokens, flops))
+    if muon:  # Muon's own cost, apart from the kernels'
         adamw_ms, _, _, _ = time_steps(dataclasses.replace(config, optimizer="adamw"), model_config, args.iters, args.warmup)
         print(throughput_row(f"fast ({kernels}, fused AdamW)", adamw_ms, tokens, flops))
-    else:
-        print(throughput_row(f"fast ({kernels}, fused AdamW)", fast_ms, tokens, flops))
     print(throughput_row("reference (float32, eager, foreach AdamW, nn.Dropout, lecture's attention dropout)", ref_ms, tokens, flops))
     speedup = f"speed-up {ref_ms / fast_ms:.2f}x"
-    if config.optimizer == "muon":
+    if muon:
         speedup += f" with Muon's extra work per step, {ref_ms / adamw_ms:.2f}x with AdamW"
     print(speedup + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
 
