@@ -45,11 +45,20 @@ class GPTConfig:
     n_embd: int = field(default=384, metadata={"help": "width of the residual stream"})
     dropout: float = field(default=0.2, metadata={"help": "dropout on the residual branches while training"})
     attn_dropout: float = field(default=0.0, metadata={"help": "dropout on the attention weights while training (the lecture: same as dropout)"})
+    # The lecture builds the Block one idea at a time; these switches take its steps back
+    # (config/lecture/ walks them). The defaults are the finished model.
+    ffwd_mult: int = field(default=4, metadata={"help": "FeedForward's hidden width as a multiple of n_embd (0: no FeedForward)"})
+    residual: bool = field(default=True, metadata={"help": "add each branch of a Block back to x (False: its output replaces x)"})
+    proj: bool = field(default=True, metadata={"help": "a projection back to n_embd after the attention heads and at the end of FeedForward"})
+    layer_norm: bool = field(default=True, metadata={"help": "LayerNorm before each branch of a Block and before lm_head (pre-norm)"})
+    init: str = field(default="normal", metadata={"help": "'normal': N(0, 0.02) weights and a zero lm_head (see GPT._init_weights); 'pytorch': PyTorch's defaults, as in the lecture's video"})
 
     def validate(self):
         """Raise ValueError naming the flag for a config that cannot build a model."""
         if self.model_type not in ("gpt", "bigram"):
             raise ValueError(f"--model_type must be 'gpt' or 'bigram', got {self.model_type!r}")
+        if self.init not in ("normal", "pytorch"):
+            raise ValueError(f"--init must be 'normal' or 'pytorch', got {self.init!r}")
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
@@ -58,6 +67,11 @@ class GPTConfig:
         for key in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.ffwd_mult < 0:
+            raise ValueError(f"--ffwd_mult must be 0 or more, got {self.ffwd_mult}")
+        if not self.proj and self.ffwd_mult > 1:
+            raise ValueError(f"--ffwd_mult={self.ffwd_mult} needs --proj=True: without the projection back, "
+                             "FeedForward's hidden layer is its output and must be n_embd wide (--ffwd_mult=1)")
 
 
 class Head(nn.Module):
@@ -169,34 +183,43 @@ class Decoder:
         dtype = dtype or model.lm_head.weight.dtype
         vec_dtype = torch.float32 if dtype == torch.int8 else dtype  # embeddings, LayerNorm, activations
         v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
-        lin = lambda m: decode_linear(m.weight, m.bias, dtype)
-        self.n_head, self.C = model.config.n_head, model.config.n_embd
+        # a piece that the lecture's earlier steps leave out (see GPTConfig) is None here
+        lin = lambda m: None if m is None else decode_linear(m.weight, m.bias, dtype)
+        norm = lambda m: (v(m.weight), v(m.bias)) if isinstance(m, nn.LayerNorm) else None
+        self.n_head, self.C, self.residual = model.config.n_head, model.config.n_embd, model.config.residual
         self.tok_emb, self.pos_emb = v(model.token_embedding_table.weight), v(model.position_embedding_table.weight)
-        self.layers = [
-            (v(b.ln1.weight), v(b.ln1.bias), lin(b.sa.qkv), lin(b.sa.proj),
-             v(b.ln2.weight), v(b.ln2.bias), lin(b.ffwd.net[0]), lin(b.ffwd.net[2]))
-            for b in model.blocks
-        ]
-        self.ln_f = (v(model.ln_f.weight), v(model.ln_f.bias))
+        self.layers = []
+        for b in model.blocks:
+            fc, fc2 = (None, None) if b.ffwd is None else (b.ffwd.net[0], b.ffwd.net[2] if model.config.proj else None)
+            self.layers.append((norm(b.ln1), lin(b.sa.qkv), lin(b.sa.proj), norm(b.ln2), lin(fc), lin(fc2)))
+        self.ln_f = norm(model.ln_f)
         self.lm_head = lin(model.lm_head)
+
+    def _norm(self, x, ln):
+        return x if ln is None else F.layer_norm(x, (self.C,), *ln)
 
     def __call__(self, idx, cache):
         """idx (B,) at position cache.pos -> logits (B, vocab_size)."""
         B, C, nh, pos = idx.shape[0], self.C, self.n_head, cache.pos
         assert pos < cache.k[0].shape[2], "the cache holds block_size positions"
         x = self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
-        for layer, (ln1_w, ln1_b, qkv, proj, ln2_w, ln2_b, fc, fc2) in enumerate(self.layers):
+        for layer, (ln1, qkv, proj, ln2, fc, fc2) in enumerate(self.layers):
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
-            q_k_v = qkv(F.layer_norm(x, (C,), ln1_w, ln1_b))  # (B, 3C)
+            q_k_v = qkv(self._norm(x, ln1))  # (B, 3C)
             q_k_v = q_k_v.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
             k_cache[:, :, pos : pos + 1] = q_k_v[:, 1]
             v_cache[:, :, pos : pos + 1] = q_k_v[:, 2]
             # one query sees every cached position, so no mask
             out = F.scaled_dot_product_attention(q_k_v[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
-            x = x + proj(out.view(B, C).to(x.dtype))  # (B, C)
-            x = x + fc2(F.relu(fc(F.layer_norm(x, (C,), ln2_w, ln2_b))))  # (B, C)
+            a = out.view(B, C).to(x.dtype)  # (B, C)
+            a = a if proj is None else proj(a)  # (B, C)
+            x = x + a if self.residual else a
+            if fc is not None:
+                f = F.relu(fc(self._norm(x, ln2)))  # (B, hidden)
+                f = f if fc2 is None else fc2(f)  # (B, C)
+                x = x + f if self.residual else f
         cache.pos += 1
-        return self.lm_head(F.layer_norm(x, (C,), *self.ln_f))  # (B, vocab_size)
+        return self.lm_head(self._norm(x, self.ln_f))  # (B, vocab_size)
 
 
 class MultiHeadAttention(nn.Module):
@@ -213,7 +236,8 @@ class MultiHeadAttention(nn.Module):
         self.block_size = config.block_size
         self.attn_dropout = config.attn_dropout
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        # the lecture first just concatenates the heads; the projection comes with the residual connections
+        self.proj = nn.Linear(config.n_embd, config.n_embd) if config.proj else None
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
@@ -232,7 +256,9 @@ class MultiHeadAttention(nn.Module):
             cache.v[layer][:, :, :T] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.dropout(self.proj(out))
+        if self.proj is not None:
+            out = self.proj(out)  # (B, T, C)
+        return self.dropout(out)
 
     def heads(self):
         """The lecture's Head modules holding this layer's weights, one per head.
@@ -257,12 +283,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            Dropout(config.dropout),
-        )
+        hidden = config.ffwd_mult * config.n_embd
+        layers = [nn.Linear(config.n_embd, hidden), nn.ReLU()]
+        # the lecture's first FeedForward stops at the ReLU; the projection back (and 4x the
+        # width inside) comes with the residual connections
+        if config.proj:
+            layers.append(nn.Linear(hidden, config.n_embd))
+        layers.append(Dropout(config.dropout))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)
@@ -273,15 +301,29 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.residual = config.residual
         self.sa = MultiHeadAttention(config)
-        self.ffwd = FeedForward(config)
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ffwd = FeedForward(config) if config.ffwd_mult > 0 else None
+        # pre-norm, the lecture's last step: each branch reads a normalised copy of x
+        self.ln1 = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
+        self.ln2 = nn.LayerNorm(config.n_embd) if config.layer_norm and self.ffwd else nn.Identity()
 
     def forward(self, x, cache=None, layer=0):
-        x = x + self.sa(self.ln1(x), cache, layer)  # (B, T, C)
-        x = x + self.ffwd(self.ln2(x))  # (B, T, C)
+        a = self.sa(self.ln1(x), cache, layer)  # (B, T, C): communication
+        # residual connections: a branch adds to x instead of replacing it, so the gradient
+        # reaches the first layers unchanged through the sums
+        x = x + a if self.residual else a
+        if self.ffwd is not None:
+            f = self.ffwd(self.ln2(x))  # (B, T, C): computation
+            x = x + f if self.residual else f
         return x
+
+    def projections(self):
+        """The Linear layers that write back into the stream: attention's and FeedForward's
+        projections (none with proj=False)."""
+        if self.sa.proj is None:
+            return []
+        return [self.sa.proj] + ([self.ffwd.net[2]] if self.ffwd is not None else [])
 
 
 class LanguageModel(nn.Module):
@@ -363,19 +405,21 @@ class GPT(LanguageModel):
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
         self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self._init_weights()
 
     def _init_weights(self):
         # the one place where initial weights are chosen (see the module docstring)
+        if self.config.init == "pytorch":
+            return  # each module keeps the initial weights PyTorch gave it, as in the lecture's video
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
-            for residual_proj in (block.sa.proj, block.ffwd.net[2]):
+            for residual_proj in block.projections():
                 nn.init.normal_(residual_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         nn.init.zeros_(self.lm_head.weight)
 
@@ -441,7 +485,8 @@ class BigramLanguageModel(LanguageModel):
         config.validate()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
-        nn.init.zeros_(self.token_embedding_table.weight)  # uniform at init: loss = ln(vocab_size)
+        if config.init == "normal":
+            nn.init.zeros_(self.token_embedding_table.weight)  # uniform at init: loss = ln(vocab_size)
 
     def forward(self, idx, targets=None):
         self._check_length(idx.shape[1])
