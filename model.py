@@ -10,11 +10,17 @@ The lecture's classes, in the order it builds them:
     GPT                   token + position embeddings, n_layer Blocks, final LayerNorm, lm_head
     BigramLanguageModel   the lecture's baseline: the next character from the current one
 
+The lecture reaches this Block in steps, and GPTConfig can take each one back: no
+FeedForward or a narrow one (ffwd_mult), no projections back into the stream (proj), no
+residual connections (residual), no LayerNorm (layer_norm). The defaults are the finished
+model; config/lecture/ holds one config per step, and ladder.py trains them all.
+
 Weights: every Linear and Embedding starts at N(0, 0.02); the two projections that write
 into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream does not
 grow with depth; lm_head starts at zero so that the loss at init is exactly ln(vocab_size)
-(the lecture's model starts at 4.87 instead of ln(65) = 4.17). The token embedding and
-lm_head are NOT tied, as in the lecture.
+(the lecture's model starts at 4.87 instead of ln(65) = 4.17). init='pytorch' keeps
+PyTorch's own initial weights instead, as the video did (the small stages learn much
+faster that way). The token embedding and lm_head are NOT tied, as in the lecture.
 
 Generation keeps a key/value cache (KVCache): the prompt is run once (GPT.prefill), then
 each new token costs one position (Decoder: the same math written flat for speed, its
