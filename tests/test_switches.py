@@ -168,3 +168,70 @@ def test_a_checkpoint_records_the_switches_and_rebuilds_the_stage(tmp_path):
     assert (loaded.config.ffwd_mult, loaded.config.residual, loaded.config.proj, loaded.config.layer_norm) == (1, False, False, False)
     idx = torch.randint(0, V, (2, T))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
+
+
+# -- options beyond the lecture: squared ReLU, rotary positions, QK-norm ---------------------
+
+OPTIONS = [dict(activation="relu2"), dict(position="rotary"), dict(qk_norm=True),
+           dict(activation="relu2", position="rotary", qk_norm=True)]
+
+
+def test_rotary_positions_replace_the_table_and_keep_only_relative_distance():
+    from model import Rotary
+
+    assert build(position="rotary").num_params() == expected_params() - T * C
+    rotary = Rotary(head_size=8, block_size=T)
+    torch.manual_seed(0)
+    q, k = torch.randn(8), torch.randn(8)
+    at = lambda x, pos: rotary(x.expand(T, 8))[pos]  # x placed at position pos
+    for i, j, shift in ((3, 1, 4), (10, 2, 5), (0, 0, 9)):
+        torch.testing.assert_close(at(q, i) @ at(k, j), at(q, i + shift) @ at(k, j + shift))
+    assert not torch.allclose(at(q, 3) @ at(k, 1), at(q, 3) @ at(k, 0))  # the distance itself matters
+    torch.testing.assert_close(at(q, 0), q)  # position 0 is not rotated
+    torch.testing.assert_close(at(q, 7).norm(), q.norm())  # a rotation keeps lengths
+
+
+def test_qk_norm_compares_unit_rms_queries_and_keys():
+    sa = build(qk_norm=True).blocks[0].sa
+    q, k = torch.randn(2, NH, T, C // NH) * 5, torch.randn(2, NH, T, C // NH) * 0.1
+    qn, kn = sa.compare_form(q, k)
+    for t in (qn, kn):
+        torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, NH, T), atol=1e-4, rtol=0)
+
+
+def test_squared_relu():
+    model = build(activation="relu2")
+    ffwd = model.blocks[0].ffwd
+    x = torch.randn(2, T, C)
+    fc, fc2 = ffwd.net[0], ffwd.net[2]
+    torch.testing.assert_close(ffwd(x), fc2(F.relu(fc(x)) ** 2))
+    assert model.num_params() == expected_params()
+
+
+@pytest.mark.parametrize("options", OPTIONS, ids=name)
+def test_options_cache_decode_and_attention_maps_agree_with_the_forward(options):
+    model = build(**options)
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(5))
+    full, _ = model(idx)
+    cache = KVCache(model.config, 2, "cpu", torch.float32)
+    steps = [model.prefill(idx[:, :4], cache)]
+    decoder = Decoder(model)
+    steps += [decoder(idx[:, t], cache) for t in range(4, T)]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 3:], atol=1e-5, rtol=1e-5)
+    # the attention maps are what the fused attention uses: maps @ values, projected, is its output
+    block = model.blocks[0]
+    x = model._embed(idx[:1])  # (1, T, C)
+    h = block.ln1(x)
+    maps = model.attention_maps(idx[:1])[0]  # (nh, T, T) of the first layer
+    v = block.sa.qkv(h)[..., 2 * C :].view(1, T, NH, C // NH).transpose(1, 2)  # (1, nh, T, hs)
+    out = block.sa.proj((maps[None] @ v).transpose(1, 2).reshape(1, T, C))  # (1, T, C)
+    torch.testing.assert_close(out, block.sa(h), atol=1e-5, rtol=1e-5)
+
+
+@pytest.mark.parametrize("key, value, message", [("activation", "gelu", "--activation must be 'relu' or 'relu2'"),
+                                                 ("position", "alibi", "--position must be 'learned' or 'rotary'")])
+def test_bad_option_names_the_flag(key, value, message):
+    with pytest.raises(ValueError, match=message):
+        GPT(GPTConfig(vocab_size=V, **{key: value}))
+    with pytest.raises(ValueError, match="--position=rotary needs an even head size"):
+        GPT(GPTConfig(vocab_size=V, n_embd=30, n_head=2, position="rotary"))
