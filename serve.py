@@ -107,7 +107,7 @@ def read_fields(body, fields):
         if value is None:
             raise RequestError(400, key, "missing" if key not in body else f"expected {TYPE_NAMES[typ]}, got null")
         if typ is float and type(value) is int:  # an integer is fine where a number is expected
-            value = float(value)
+            value = float(value) if abs(value) < 1e300 else math.inf  # 1e400 written out is still no temperature
         if type(value) is not typ:  # bool is not an int here: true is no seed
             raise RequestError(400, key, f"expected {TYPE_NAMES[typ]}, got {json.dumps(value)[:40]}")
         if typ is float and not math.isfinite(value):
@@ -279,8 +279,8 @@ class Handler(BaseHTTPRequestHandler):
         raw = self.rfile.read(int(length))
         try:
             return json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as e:
-            raise RequestError(400, "body", f"not valid JSON ({e})") from None
+        except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5000-digit number, [[[[...]]]] nested too deep
+            raise RequestError(400, "body", f"not valid JSON ({str(e)[:80]})") from None
 
     def do_GET(self):
         self.handle_request({"/": self.get_page, "/api/info": self.get_info, "/api/metrics": self.get_metrics})
@@ -343,10 +343,10 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        with playground.lock:
-            playground.running += 1
         tokens = generate_tokens(playground.model, prompt_ids, config)
         generated, left, t0 = [], False, time.time()
+        with playground.lock:
+            playground.running += 1
         try:
             for token in tokens:  # (1,)
                 generated.append(playground.tokenizer.decode(token.tolist()))
@@ -358,6 +358,12 @@ class Handler(BaseHTTPRequestHandler):
                              "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1)}, event="done")
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             left = True
+        except Exception as e:  # a bug: the stream has begun, so say it as an event
+            playground.log(f"generate: {type(e).__name__}: {e}")
+            try:
+                self.send_event({"error": f"server: {type(e).__name__}: {e}", "field": "server"}, event="error")
+            except OSError:
+                left = True
         finally:
             tokens.close()  # ends model.generate where it stands
             playground.record(len(generated), config.max_new_tokens, left)
