@@ -261,6 +261,31 @@ def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text
         server.server_close()
 
 
+def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, text, capsys):
+    """Rotary positions, qk_norm and relu2 change the attention math: the playground still
+    shows GPT.attention_maps and streams sample.py's text."""
+    from prepare import prepare
+
+    prepare(text, str(tmp_path / "data" / "tiny"))
+    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", position="rotary", qk_norm=True, activation="relu2",
+                              max_iters=5, eval_interval=5, eval_iters=1, sample_chars=0, eval_sample_chars=0),
+                log=lambda m: None)
+    server = start_server(tmp_path / "out")
+    try:
+        playground, prompt = server.playground, "QUEEN:\nmy lord"
+        answer = call(server, "POST", "/api/attention", {"text": prompt})[2]
+        idx = torch.tensor([playground.tokenizer.encode(prompt)])
+        torch.testing.assert_close(torch.tensor(answer["weights"], dtype=torch.float64),
+                                   playground.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+        streamed = streamed_text(server, prompt="QUEEN:", max_new_tokens=30, seed=2)
+        assert sample.main([f"--out_dir={tmp_path / 'out'}", "--start=QUEEN:", "--device=cpu", "--max_new_tokens=30",
+                            "--seed=2"]) == 0
+        assert capsys.readouterr().out == "QUEEN:" + streamed + "\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
 def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
     def run(*flags):
         code = serve.main(list(flags))
