@@ -30,6 +30,7 @@ import re
 import subprocess
 import sys
 import tempfile
+import textwrap
 import threading
 import time
 
@@ -239,10 +240,10 @@ def plot(rows, path):
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
     bars = ax.bar([i + width / 2 for i in x], [r["val"] for r in rows], width, label="ours (whole val split, mean over seeds)",
                   color="tab:blue")
-    ax.bar_label(bars, fmt="%.2f", fontsize=8)
+    ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=8)
     for i, r in zip(x, rows):  # each seed's figure, to show the spread
-        ax.plot([i + width / 2] * len(r["vals"]), r["vals"], "_", color="black", ms=10)
-    ax.set_xticks(x, [f"{r['stage']}\n{r['adds']}" for r in rows], fontsize=7)
+        ax.plot([i + width / 2] * len(r["vals"]), r["vals"], ".", color="black", ms=4)
+    ax.set_xticks(x, [f"{r['stage']}\n" + textwrap.fill(r["adds"], 16) for r in rows], fontsize=8)
     values = [r["val"] for r in rows] + [v for _, v in lecture]
     ax.set_ylim(max(0.0, min(values) - 0.3), max(values) + 0.15)
     ax.set_ylabel("val loss (nats per character)")

@@ -1,5 +1,5 @@
-"""Stage 4, a feed-forward layer after the attention: a Linear and a ReLU on each position
-alone, so a character can think about what it gathered. The lecture: val loss 2.24.
+"""Stage 4, feed-forward: after the attention, a Linear and a ReLU on each position alone,
+so a character can think about what it gathered. The lecture: val loss 2.24.
 
     python train.py config/lecture/4_feed_forward.py
 """
