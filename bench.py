@@ -5,6 +5,7 @@
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss
     python bench.py sample                               # KV-cache vs uncached generation
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
+    python bench.py memory                               # memory.py's estimate against the measured peak
 
 Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
 or small machine are noisy: compare the figures of one run with each other.
@@ -12,11 +13,15 @@ or small machine are noisy: compare the figures of one run with each other.
 
 import argparse
 import dataclasses
+import os
+import subprocess
 import sys
+import tempfile
 import time
 
 import torch
 
+import memory
 import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
@@ -181,6 +186,86 @@ def bench_sample(args, overrides):
         print(f"| {m} | {seconds(m, True):.2f} | {seconds(m, False):.2f} |")
 
 
+ROOT = os.path.dirname(os.path.abspath(__file__))
+# what train.py and sample.py have resident when they check the memory: Python, PyTorch and
+# the project's modules imported, and for sampling the model loaded
+TRAIN_BASELINE = "import train"
+SAMPLE_BASELINE = ("import sys, sample; from checkpoint import *; "
+                   "model_from_checkpoint(load_checkpoint(find_checkpoint(sys.argv[1])))")
+
+
+def peak_rss(commands):
+    """The peak resident memory in bytes of each command (an argv list), run side by side
+    to their end in ROOT; a command that fails is a RuntimeError with its stderr."""
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands]
+    peaks = []
+    for cmd, proc in zip(commands, procs):
+        err = proc.stderr.read().decode(errors="replace")
+        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
+        proc.returncode = os.waitstatus_to_exitcode(status)
+        if proc.returncode != 0:
+            raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
+        peaks.append(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB elsewhere
+    return peaks
+
+
+def training_peak(flags, data_dir="data", dataset="shakespeare_char"):
+    """(measured, estimated) bytes that one train.py step with flags adds to the interpreter
+    with the modules imported: peak RSS of a 1-step run (evals and checkpoints included)
+    minus that of the imports alone, against memory.training_bytes."""
+    with tempfile.TemporaryDirectory() as out_dir:
+        run = [sys.executable, "train.py", *flags, f"--data_dir={data_dir}", f"--dataset={dataset}",
+               f"--out_dir={out_dir}", "--device=cpu", "--max_iters=5", "--eval_interval=5", "--eval_iters=1",
+               "--log_interval=1", "--sample_chars=0", "--eval_sample_chars=0", "--compile=False"]
+        baseline, peak = peak_rss([[sys.executable, "-c", TRAIN_BASELINE], run])
+    config_path = flags[0] if flags and flags[0].endswith(".py") else None
+    config, model_config = load_configs(config_path, flags[1:] if config_path else flags)
+    train_data, _, tokenizer = train.load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
+    model_config.vocab_size = tokenizer.vocab_size
+    dtype = train.resolve_dtype(config.dtype, "cpu")
+    return peak - baseline, sum(memory.training_bytes(model_config, config.batch_size, config.optimizer, dtype).values())
+
+
+def sampling_peak(out_dir, flags):
+    """(measured, estimated) bytes that sample.py with flags adds to a loaded model."""
+    run = [sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu", *flags]
+    baseline, peak = peak_rss([[sys.executable, "-c", SAMPLE_BASELINE, out_dir], run])
+    from sample import SampleConfig, DECODE_DTYPES, read_prompt
+    (config,), _ = parse(flags, [SampleConfig()], "sample.py", config_file=False)
+    model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(out_dir)))
+    dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
+    decode_bytes = 0 if dtype == torch.float32 else model.num_params() * (1 if dtype == torch.int8 else 2)
+    parts = memory.sampling_bytes(model.config, config.num_samples, len(read_prompt(config.start)), config.max_new_tokens,
+                                  config.kv_cache, decode_bytes)
+    return peak - baseline, sum(parts.values())
+
+
+def bench_memory(args, overrides):
+    runs = [
+        ["config/shakespeare_char_cpu.py", "--dtype=float32"],
+        ["config/shakespeare_char.py", "--dtype=float32"],
+        ["config/shakespeare_char.py", "--dtype=bfloat16"],
+        ["config/shakespeare_char.py", "--dtype=float32", "--attn_dropout=0.1"],
+        ["config/shakespeare_char_lecture.py", "--dtype=float32", "--batch_size=16"],
+        ["config/shakespeare_char_lecture.py", "--dtype=bfloat16", "--batch_size=16"],
+    ]
+    print(f"train.py, one step in a fresh process, peak RSS minus that of `{TRAIN_BASELINE}`:")
+    print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
+    for flags in runs:
+        measured, estimate = training_peak(flags + list(overrides))
+        print(f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | {memory.format_bytes(measured)} | {measured / estimate:.2f} |",
+              flush=True)
+    if args.out_dir:
+        print(f"sample.py on {args.out_dir}, peak RSS minus that of the imports and the loaded model:")
+        print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
+        for flags in (["--num_samples=1", "--max_new_tokens=500"], ["--num_samples=1000", "--max_new_tokens=200"],
+                      ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],
+                      ["--num_samples=2", "--max_new_tokens=20000"]):
+            measured, estimate = sampling_peak(args.out_dir, flags)
+            print(f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | {memory.format_bytes(measured)} | "
+                  f"{measured / estimate:.2f} |", flush=True)
+
+
 def main():
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
                                      epilog=__doc__.split("\n\n", 1)[1])
@@ -197,6 +282,8 @@ def main():
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
     p.add_argument("--out_dir", default="out-bench")
+    p = sub.add_parser("memory", help="memory.py's estimate against the measured peak")
+    p.add_argument("--out_dir", default=None, help="a trained checkpoint to measure sample.py's estimate on too")
     p = sub.add_parser("sample", help="generation speed")
     p.add_argument("--out_dir", default=None)
     p.add_argument("--new_tokens", type=int, default=1000)
@@ -204,7 +291,8 @@ def main():
                    help="sample.py's --decode_dtype: the dtype of the KV cache rows and lengths table")
     args, overrides = parser.parse_known_args()
     try:
-        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}[args.what](args, overrides)
+        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample,
+         "memory": bench_memory}[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 1

@@ -17,6 +17,12 @@ import torch
 NS_COEFFS = (3.4445, -4.7750, 2.0315)
 
 
+def takes_muon(name, param):
+    """Whether train.py's --optimizer=muon gives this parameter Muon's update: the weight
+    matrices inside the Blocks; embeddings, lm_head, biases and LayerNorm gains take AdamW."""
+    return name.startswith("blocks.") and param.dim() == 2
+
+
 def orthogonalize(G, steps=5, eps=1e-7):
     """The nearest semi-orthogonal matrix to G (U V^T of its SVD), approximately; G may be a
     stack of matrices (..., m, n)."""

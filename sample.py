@@ -26,6 +26,7 @@ import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import HelpRequested, knob, parse
+from memory import check_fits, sampling_bytes
 from train import resolve_device
 
 
@@ -90,6 +91,16 @@ class SampleConfig:
                 import matplotlib  # noqa: F401
             except ImportError:
                 raise ValueError("--attention needs matplotlib, which is not installed (pip install matplotlib)") from None
+
+
+def check_memory(config, model, prompt_len, decode_dtype, device):
+    """Refuse a generation whose estimate (memory.py) exceeds the memory there is, before it
+    starts, instead of being killed half-way by the OOM killer."""
+    decode_bytes = 0 if decode_dtype == torch.float32 else model.num_params() * (1 if decode_dtype == torch.int8 else 2)
+    parts = sampling_bytes(model.config, config.num_samples, prompt_len, config.max_new_tokens, config.kv_cache, decode_bytes)
+    what = f"generating --num_samples={config.num_samples} x --max_new_tokens={config.max_new_tokens} characters"
+    check_fits(parts, device, what, {"generated ids": "use a smaller --max_new_tokens, or fewer --num_samples",
+                                     "KV cache": "use fewer --num_samples (run sample.py several times with other --seed values)"})
 
 
 def read_prompt(start):
@@ -163,6 +174,8 @@ def main(argv=None):
             prompt_ids = tokenizer.encode(prompt)
         except ValueError as e:
             raise ValueError(f"--start: {e}") from None
+        decode_dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
+        check_memory(config, model, len(prompt_ids), decode_dtype, device)
         if config.attention:
             if not hasattr(model, "attention_maps"):
                 raise ValueError(f"--attention: {path} holds a {model.config.model_type} model, which has no attention")

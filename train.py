@@ -36,11 +36,13 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import rundir
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import HelpRequested, knob, parse
+from memory import check_fits, training_bytes
 from metrics import Reporter
 from model import GPTConfig, build_model
-from muon import MuonAdamW
+from muon import MuonAdamW, takes_muon
 from tokenizer import CharTokenizer
 
 
@@ -51,6 +53,7 @@ class TrainConfig:
     dataset: str = knob("shakespeare_char", "read data_dir/DATASET/{train.bin,val.bin,meta.json}")
     data_dir: str = knob("data", "folder holding the prepared datasets")
     init_from: str = knob("scratch", "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt")
+    overwrite: bool = knob(False, "let a new run (init_from=scratch) start in an out_dir that holds a trained model, deleting its checkpoints; without it that run is refused")
     # evaluation and logging
     eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps")
     eval_iters: int = knob(200, "batches per split in each loss estimate")
@@ -97,6 +100,8 @@ class TrainConfig:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
         if self.init_from not in ("scratch", "resume"):
             raise ValueError(f"--init_from must be 'scratch' or 'resume', got {self.init_from!r}")
+        if self.overwrite and self.init_from == "resume":
+            raise ValueError("--overwrite=True starts a new run over out_dir's; it does not go with --init_from=resume")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -172,6 +177,20 @@ class Distributed:
         if self.world_size > 1:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
+
+    def agree(self, error):
+        """Raise on every process when any one of them failed a check; error is this process's
+        exception or None. Around a check that not every process makes alike (rank 0 alone
+        locks out_dir; each GPU has its own free memory), so that none goes on to wait for
+        the others in a collective that never comes."""
+        if self.world_size > 1:
+            errors = [None] * self.world_size
+            dist.all_gather_object(errors, None if error is None else str(error))
+            first = next((e for e in errors if e is not None), None)
+            if error is None and first is not None:
+                raise ValueError(first)
+        if error is not None:
+            raise error
 
 
 def init_distributed(device):
@@ -249,11 +268,10 @@ def make_optimizer(model, config, device_type, fused=True):
     Each group's "lr_scale" is its learning rate over learning_rate, for the schedule."""
     named = [(name, p) for name, p in model.named_parameters() if p.requires_grad]
     if config.optimizer == "muon":
-        is_muon = lambda name, p: name.startswith("blocks.") and p.dim() == 2
         groups = [
-            {"params": [p for n, p in named if is_muon(n, p)], "muon": True, "lr": config.muon_lr,
+            {"params": [p for n, p in named if takes_muon(n, p)], "muon": True, "lr": config.muon_lr,
              "lr_scale": config.muon_lr / config.learning_rate, "weight_decay": config.weight_decay},
-            {"params": [p for n, p in named if not is_muon(n, p) and p.dim() >= 2], "muon": False,
+            {"params": [p for n, p in named if not takes_muon(n, p) and p.dim() >= 2], "muon": False,
              "lr": config.learning_rate, "weight_decay": config.weight_decay},
             {"params": [p for n, p in named if p.dim() < 2], "muon": False, "lr": config.learning_rate, "weight_decay": 0.0},
         ]
@@ -351,6 +369,43 @@ def resume_model_config(checkpoint, path, model_config, tokenizer):
     return resolved
 
 
+def claim_out_dir(config, ddp):
+    """out_dir's RunLock, taken by rank 0 (None elsewhere), before anything is written: a
+    folder in use by another run, or a new run over a trained model without --overwrite, is
+    refused on every process (rundir.py)."""
+    lock, error = None, None
+    if ddp.master:
+        try:
+            lock = rundir.claim(config.out_dir, fresh=config.init_from == "scratch", overwrite=config.overwrite)
+        except (ValueError, OSError) as e:
+            error = e
+    ddp.agree(error)
+    return lock
+
+
+def check_memory(config, model_config, device, dtype, ddp):
+    """Refuse, on every process, a run whose estimated peak (memory.py) exceeds the memory
+    there is, instead of being killed by the OOM killer half-way. CPU processes that torchrun
+    started on one machine share its memory, so their estimates add up."""
+    parts = training_bytes(model_config, config.batch_size, config.optimizer, dtype, ddp.world_size)
+    sharing = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    parts = {name: size * sharing for name, size in parts.items()}
+    what = f"training with --batch_size={config.batch_size} and --block_size={model_config.block_size}"
+    if sharing > 1:
+        what += f" in {sharing} processes"
+    suggestions = {
+        "activations": "use a smaller --batch_size (a larger --gradient_accumulation_steps keeps the global batch) "
+                       "or a smaller --block_size",
+        "weights, gradients and optimizer state": "the model is too big for this machine: use a smaller --n_layer or --n_embd",
+    }
+    error = None
+    try:
+        check_fits(parts, device, what, suggestions)
+    except ValueError as e:
+        error = e
+    ddp.agree(error)
+
+
 def write_run_config(out_dir, resolved):
     """Create out_dir with config.json in it, and clear temporary files of a run killed mid-save."""
     try:
@@ -405,7 +460,9 @@ def train(config, model_config, log=print, live=None):
     plain log lines every log_interval steps."""
     config.validate()
     ddp, device = init_distributed(resolve_device(config.device))
+    lock = None
     try:
+        lock = claim_out_dir(config, ddp)  # before anything else touches out_dir
         if not ddp.master:
             log, live = (lambda msg: None), None
         summary = _train(config, model_config, log, live, ddp, device)
@@ -417,6 +474,8 @@ def train(config, model_config, log=print, live=None):
             dist.barrier()
         return summary
     finally:
+        if lock is not None:
+            lock.release()
         if ddp.world_size > 1:
             dist.destroy_process_group()
 
@@ -445,6 +504,7 @@ def _train(config, model_config, log, live, ddp, device):
     for split, data in (("train", train_data), ("val", val_data)):
         if len(data) <= model_config.block_size:
             raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
+    check_memory(config, model_config, device, dtype, ddp)
 
     torch.manual_seed(config.seed)  # the same initial weights in every process
     model = build_model(model_config).to(device)
@@ -485,6 +545,8 @@ def _train(config, model_config, log, live, ddp, device):
     resolved = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config), "device": device,
                 "dtype": dtype, "world_size": ddp.world_size}
     if ddp.master:
+        if config.overwrite:
+            rundir.clear_previous_run(config.out_dir)
         write_run_config(config.out_dir, resolved)
 
     def save(path, with_optimizer=True):

@@ -1,0 +1,203 @@
+"""How much memory a run needs and how much the machine has, so that a run too big for it
+is refused before it starts instead of being killed half-way by the kernel's OOM killer.
+Used by train.py and sample.py; `python bench.py memory` measures the estimate against the
+real peak.
+
+The estimate adds up the tensors a run holds at its peak:
+    training   weights, gradients and optimizer state (AdamW: two moments per weight; Muon:
+               one momentum per Block matrix), plus what one micro-step's backward needs:
+               the activations autograd saves in every Block (about 12 numbers per token
+               and unit of n_embd; with --attn_dropout the unfused attention also keeps
+               B x n_head x T x T weights), the logits, and the gradients in flight
+    sampling   the KV cache (2 x n_layer x (B, n_head, block_size, head_size)), the prompt's
+               pass through the model, the growing (B, T) ids, the decode-dtype copy of the
+               weights and the text kept for several samples
+plus a fixed allowance for what PyTorch itself takes on a first step (kernels' workspace,
+thread pools). Activations are counted in the autocast dtype where one is used. The model's
+weights already loaded (sampling) and the interpreter with PyTorch imported are resident
+already, so they are not counted: what is compared is what the run will add.
+"""
+
+import os
+
+import torch
+
+from model import build_model
+from muon import takes_muon
+
+FLOAT = 4  # bytes of a float32
+# what a run takes besides its tensors: PyTorch's kernels and thread pools on the first
+# steps, matplotlib for loss.png; measured 128-138 MiB on a model of a few kB (bench.py memory)
+RUNTIME_BYTES = 130 * 2**20
+# the resident memory a step's activations take is more than their bytes: short-lived
+# tensors in forward and backward, and the allocator keeping freed blocks for the next step;
+# the peak over a run's first steps was 1.2-1.4x their bytes in float32 (bench.py memory)
+ACTIVATION_SLACK = 1.25
+# a forward without autograd holds up to about 10 (B, T, n_embd) float32 tensors at once
+# (the residual stream, the MLP's 4C before and after the ReLU); its peak resident memory
+# measured 15 of them per token (bench.py memory), in bytes per token and unit of n_embd:
+SAMPLING_ACTIVATIONS = 15 * FLOAT
+SAMPLING_RUNTIME_BYTES = 16 * 2**20  # measured 11-14 MiB: no autograd, no matplotlib
+
+
+def format_bytes(n):
+    """12.3 GiB, 456 MiB, 2.0 TiB: as `free -h` counts (powers of 1024)."""
+    for unit, size in (("TiB", 2**40), ("GiB", 2**30), ("MiB", 2**20)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n / 2**10:.0f} KiB"
+
+
+def count_params(model_config):
+    """(all parameters, those that take Muon's update), counted on a model built on the meta
+    device: no memory is allocated, however big the config."""
+    with torch.device("meta"):
+        model = build_model(model_config)
+    named = list(model.named_parameters())
+    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p))
+
+
+def training_bytes(model_config, batch_size, optimizer="adamw", dtype="float32", world_size=1):
+    """{part: bytes} of one training process at its peak (see the module docstring)."""
+    c = model_config
+    params, muon_params = count_params(c)
+    state = params * FLOAT * 2  # weights and their gradients
+    if optimizer == "muon":
+        # one momentum per matrix; its update orthogonalizes a stack of a shape's gradients, a
+        # few copies of them at once
+        state += muon_params * FLOAT * 4 + (params - muon_params) * FLOAT * 2
+    else:
+        state += params * FLOAT * 2  # AdamW's two moments
+    if world_size > 1:
+        state += params * FLOAT  # DDP's gradient buckets
+    if dtype == "bfloat16":
+        state += params * 2  # autocast keeps a bfloat16 copy of each weight for the step
+
+    tokens, C, V = batch_size * c.block_size, c.n_embd, c.vocab_size
+    if c.model_type == "bigram":
+        activations = tokens * V * FLOAT * 4  # logits, log-softmax and their gradients
+    else:
+        act = 2 if dtype == "bfloat16" else FLOAT  # the bytes of what the matrix products save
+        # saved per Block and token: the residual stream twice (the LayerNorms' inputs, float32),
+        # and in the compute dtype the inputs of qkv (C), the attention's q, k, v (3C) and
+        # output (C), the input of ffwd (C) and its ReLU output (4C)
+        per_layer = 2 * C * FLOAT + 10 * C * act
+        if c.dropout > 0:
+            per_layer += 2 * C  # two boolean masks
+        # the embeddings' sum and the final LayerNorm (C each), the logits and their
+        # log-softmax (float32), and in backward the gradients of the widest layer (4C, twice)
+        head = 3 * C * FLOAT + 3 * V * FLOAT
+        in_flight = 8 * C * FLOAT
+        activations = tokens * (c.n_layer * per_layer + head + in_flight)
+        if c.attn_dropout > 0:
+            # SDPA's unfused path (dropout on the attention weights): per Block it saves copies
+            # of q, k, v and three (B, n_head, T, T) tensors (the softmax weights, the mask, the
+            # dropped weights), in float32 even under autocast; backward adds two more at a time
+            weights = batch_size * c.n_head * c.block_size**2 * FLOAT
+            activations += c.n_layer * (tokens * 3 * C * act + 3 * weights) + 2 * weights
+    return {"weights, gradients and optimizer state": state, "activations": int(activations * ACTIVATION_SLACK),
+            "PyTorch": RUNTIME_BYTES}
+
+
+def sampling_bytes(model_config, num_samples, prompt_len, max_new_tokens, kv_cache=True, decode_bytes=0):
+    """{part: bytes} that generation adds to a loaded model; decode_bytes is the size of the
+    decode-dtype copy of the weights (0 when the decode steps use the model's own)."""
+    c, N = model_config, num_samples
+    width = c.n_embd if c.model_type == "gpt" else 0
+    parts = {}
+    if c.model_type == "gpt" and kv_cache:
+        cache = 2 * c.n_layer * N * c.block_size * c.n_embd * FLOAT  # (N, nh, block_size, hs), keys and values, per layer
+        prefilled = min(prompt_len, c.block_size)
+        # once the cache is full it is rebuilt from the last block_size // 2 tokens: the new
+        # cache is allocated while the old one still exists, then filled by a prefill
+        rebuild = prefilled + max_new_tokens > c.block_size + 1
+        T = max(prefilled, c.block_size // 2 if rebuild else 0)  # the longest prefill
+        parts["KV cache"] = cache
+        parts["decode weights"] = decode_bytes
+        forward = N * T * width * SAMPLING_ACTIVATIONS + N * c.vocab_size * FLOAT  # the last position's logits only
+        parts["forward pass"] = max(forward, cache if rebuild else 0)
+    else:
+        T = min(prompt_len + max(max_new_tokens - 1, 0), c.block_size)  # the last step's context
+        parts["forward pass"] = N * T * (width * SAMPLING_ACTIVATIONS + c.vocab_size * FLOAT)  # logits at every position
+    # the ids grow by torch.cat (old and new copy at once, int64); several samples are also
+    # kept as Python lists of ids and then strings until printed
+    parts["generated ids"] = N * (prompt_len + max_new_tokens) * 8 * 2 + (N * max_new_tokens * 24 if N > 1 else 0)
+    parts["PyTorch"] = SAMPLING_RUNTIME_BYTES
+    return parts
+
+
+# -----------------------------------------------------------------------------
+# what the machine has
+
+
+def _meminfo_available():
+    try:
+        with open("/proc/meminfo", encoding="ascii") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024  # kB
+    except (OSError, ValueError, IndexError):
+        pass
+    return None
+
+
+def _read_int(path):
+    try:
+        with open(path, encoding="ascii") as f:
+            text = f.read().strip()
+        return None if text == "max" else int(text)
+    except (OSError, ValueError):
+        return None
+
+
+def _cgroup_room():
+    """Bytes left under a container's memory limit (cgroup v2, else v1), or None without one.
+    MemAvailable shows the whole machine's memory, but the limit is what the OOM killer enforces."""
+    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+        limit, usage = _read_int(limit_file), _read_int(usage_file)
+        if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
+            return max(0, limit - usage)
+    return None
+
+
+def available_bytes(device):
+    """(bytes, what they are) this process can still allocate on device, or None when the
+    system does not say. CUDA: the device's free memory; elsewhere (CPU, and MPS, which
+    shares it) what the OS reports as available, or the container's room if smaller."""
+    if device.startswith("cuda"):
+        free, _ = torch.cuda.mem_get_info(torch.device(device))
+        return free, f"free on {device}"
+    figures = []
+    available = _meminfo_available()
+    if available is not None:
+        figures.append((available, "available"))
+    room = _cgroup_room()
+    if room is not None:
+        figures.append((room, "left under the container's memory limit"))
+    if not figures:
+        try:
+            import psutil  # not a dependency; used where installed (macOS, Windows)
+            figures.append((psutil.virtual_memory().available, "available"))
+        except ImportError:
+            try:  # macOS without psutil: the RAM there is, an upper bound of what is free
+                figures.append((os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE"), "of RAM in all"))
+            except (ValueError, OSError, AttributeError):
+                return None
+    return min(figures)
+
+
+def check_fits(parts, device, what, suggestions):
+    """Raise ValueError when the estimate parts ({name: bytes}) exceed what device has. The
+    message gives both figures, the biggest part, and the suggestion for it ({part: text},
+    a missing part taking the first one)."""
+    have = available_bytes(device)
+    need = sum(parts.values())
+    if have is None or need <= have[0]:
+        return
+    biggest = max(parts, key=parts.get)
+    suggestion = suggestions.get(biggest, next(iter(suggestions.values())))
+    raise ValueError(
+        f"{what} needs about {format_bytes(need)} of memory ({biggest} {format_bytes(parts[biggest])}) "
+        f"but only {format_bytes(have[0])} is {have[1]}: {suggestion}"
+    )
