@@ -26,6 +26,7 @@ import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
 from model import GPT, Dropout, GPTConfig, build_model
+import sample
 from sample import resolve_decode_dtype
 
 
@@ -197,47 +198,49 @@ SAMPLE_BASELINE = ("import sys, sample; from checkpoint import *; "
 def peak_rss(commands):
     """The peak resident memory in bytes of each command (an argv list), run side by side
     to their end in ROOT; a command that fails is a RuntimeError with its stderr."""
-    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE) for cmd in commands]
+    errs = [tempfile.TemporaryFile() for _ in commands]  # files, not pipes: a full pipe would stall its process
+    procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err) for cmd, err in zip(commands, errs)]
     peaks = []
-    for cmd, proc in zip(commands, procs):
-        err = proc.stderr.read().decode(errors="replace")
+    for cmd, proc, err in zip(commands, procs, errs):
         _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
         proc.returncode = os.waitstatus_to_exitcode(status)
+        err.seek(0)
+        message = err.read().decode(errors="replace").strip()
+        err.close()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(cmd)} failed: {err.strip()[-500:]}")
+            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {message[-500:]}")
         peaks.append(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB elsewhere
     return peaks
 
 
-def training_peak(flags, data_dir="data", dataset="shakespeare_char"):
-    """(measured, estimated) bytes that one train.py step with flags adds to the interpreter
-    with the modules imported: peak RSS of a 1-step run (evals and checkpoints included)
-    minus that of the imports alone, against memory.training_bytes."""
-    with tempfile.TemporaryDirectory() as out_dir:
-        run = [sys.executable, "train.py", *flags, f"--data_dir={data_dir}", f"--dataset={dataset}",
-               f"--out_dir={out_dir}", "--device=cpu", "--max_iters=5", "--eval_interval=5", "--eval_iters=1",
-               "--log_interval=1", "--sample_chars=0", "--eval_sample_chars=0", "--compile=False"]
-        baseline, peak = peak_rss([[sys.executable, "-c", TRAIN_BASELINE], run])
+def train_command(flags, out_dir, data_dir="data", dataset="shakespeare_char", steps=5):
+    """train.py with flags for a few steps (the allocator's peak settles after about 3) and
+    two evals with their checkpoints, on the CPU."""
+    return [sys.executable, "train.py", *flags, f"--data_dir={data_dir}", f"--dataset={dataset}", f"--out_dir={out_dir}",
+            "--device=cpu", f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
+            "--sample_chars=0", "--eval_sample_chars=0", "--compile=False"]
+
+
+def train_estimate(flags, data_dir="data", dataset="shakespeare_char"):
+    """memory.py's estimate in bytes for train.py with flags (a config file first, or not)."""
     config_path = flags[0] if flags and flags[0].endswith(".py") else None
     config, model_config = load_configs(config_path, flags[1:] if config_path else flags)
-    train_data, _, tokenizer = train.load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
+    _, _, tokenizer = train.load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
     model_config.vocab_size = tokenizer.vocab_size
     dtype = train.resolve_dtype(config.dtype, "cpu")
-    return peak - baseline, sum(memory.training_bytes(model_config, config.batch_size, config.optimizer, dtype).values())
+    return sum(memory.training_bytes(model_config, config.batch_size, config.optimizer, dtype).values())
 
 
-def sampling_peak(out_dir, flags):
-    """(measured, estimated) bytes that sample.py with flags adds to a loaded model."""
-    run = [sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu", *flags]
-    baseline, peak = peak_rss([[sys.executable, "-c", SAMPLE_BASELINE, out_dir], run])
-    from sample import SampleConfig, DECODE_DTYPES, read_prompt
-    (config,), _ = parse(flags, [SampleConfig()], "sample.py", config_file=False)
+def sample_command(out_dir, flags):
+    return [sys.executable, "sample.py", f"--out_dir={out_dir}", "--device=cpu", *flags]
+
+
+def sample_estimate(out_dir, flags):
+    """memory.py's estimate in bytes for sample.py with flags on the checkpoint in out_dir."""
+    (config,), _ = parse(flags, [sample.SampleConfig()], "sample.py", config_file=False)
     model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(out_dir)))
-    dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
-    decode_bytes = 0 if dtype == torch.float32 else model.num_params() * (1 if dtype == torch.int8 else 2)
-    parts = memory.sampling_bytes(model.config, config.num_samples, len(read_prompt(config.start)), config.max_new_tokens,
-                                  config.kv_cache, decode_bytes)
-    return peak - baseline, sum(parts.values())
+    decode_dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
+    return sum(sample.memory_parts(config, model, len(sample.read_prompt(config.start)), decode_dtype).values())
 
 
 def bench_memory(args, overrides):
@@ -248,22 +251,27 @@ def bench_memory(args, overrides):
         ["config/shakespeare_char.py", "--dtype=float32", "--attn_dropout=0.1"],
         ["config/shakespeare_char_lecture.py", "--dtype=float32", "--batch_size=16"],
         ["config/shakespeare_char_lecture.py", "--dtype=bfloat16", "--batch_size=16"],
+        ["config/shakespeare_char_lecture.py", "--dtype=float32"],
     ]
-    print(f"train.py, one step in a fresh process, peak RSS minus that of `{TRAIN_BASELINE}`:")
+    row = lambda flags, estimate, measured: (f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | "
+                                             f"{memory.format_bytes(measured)} | {measured / estimate:.2f} |")
+    baseline = peak_rss([[sys.executable, "-c", TRAIN_BASELINE]])[0]
+    print(f"train.py, 5 steps in a fresh process: its peak RSS minus the {memory.format_bytes(baseline)} of `{TRAIN_BASELINE}`")
     print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
     for flags in runs:
-        measured, estimate = training_peak(flags + list(overrides))
-        print(f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | {memory.format_bytes(measured)} | {measured / estimate:.2f} |",
-              flush=True)
+        flags = flags + list(overrides)
+        with tempfile.TemporaryDirectory() as out_dir:
+            measured = peak_rss([train_command(flags, out_dir)])[0] - baseline
+        print(row(flags, train_estimate(flags), measured), flush=True)
     if args.out_dir:
-        print(f"sample.py on {args.out_dir}, peak RSS minus that of the imports and the loaded model:")
+        baseline = peak_rss([[sys.executable, "-c", SAMPLE_BASELINE, args.out_dir]])[0]
+        print(f"sample.py on {args.out_dir}: its peak RSS minus the {memory.format_bytes(baseline)} of the imports and the loaded model")
         print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
         for flags in (["--num_samples=1", "--max_new_tokens=500"], ["--num_samples=1000", "--max_new_tokens=200"],
                       ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],
-                      ["--num_samples=2", "--max_new_tokens=20000"]):
-            measured, estimate = sampling_peak(args.out_dir, flags)
-            print(f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | {memory.format_bytes(measured)} | "
-                  f"{measured / estimate:.2f} |", flush=True)
+                      ["--num_samples=4000", "--max_new_tokens=100"], ["--num_samples=2", "--max_new_tokens=20000"]):
+            measured = peak_rss([sample_command(args.out_dir, flags)])[0] - baseline
+            print(row(flags, sample_estimate(args.out_dir, flags), measured), flush=True)
 
 
 def main():

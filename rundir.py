@@ -90,9 +90,12 @@ class RunLock:
             if not same:
                 os.close(fd)
                 continue
-            os.ftruncate(fd, 0)
-            os.write(fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
             self.fd = fd
+
+    def stamp(self):
+        """Write this process's pid into the lock file, for the message of a run refused by it."""
+        os.ftruncate(self.fd, 0)
+        os.write(self.fd, f"{os.getpid()} {socket.gethostname()}\n".encode())
 
     def _make_dir(self):
         folder = os.path.abspath(self.out_dir)
@@ -141,6 +144,7 @@ def claim(out_dir, fresh, overwrite):
         lock.acquire()
         if fresh and not overwrite:
             refuse_if_trained(out_dir)  # a run that ended while we looked may have left one
+        lock.stamp()  # only now: a refused run leaves even the lock file as it was
     except OSError as e:
         lock.release()
         raise OSError(f"--out_dir {out_dir} is not writable ({e.strerror or e})") from None

@@ -93,14 +93,20 @@ class SampleConfig:
                 raise ValueError("--attention needs matplotlib, which is not installed (pip install matplotlib)") from None
 
 
-def check_memory(config, model, prompt_len, decode_dtype, device):
-    """Refuse a generation whose estimate (memory.py) exceeds the memory there is, before it
-    starts, instead of being killed half-way by the OOM killer."""
+def memory_parts(config, model, prompt_len, decode_dtype):
+    """{part: bytes} that generating with these settings adds to the loaded model (memory.py)."""
     decode_bytes = 0 if decode_dtype == torch.float32 else model.num_params() * (1 if decode_dtype == torch.int8 else 2)
-    parts = sampling_bytes(model.config, config.num_samples, prompt_len, config.max_new_tokens, config.kv_cache, decode_bytes)
+    return sampling_bytes(model.config, config.num_samples, prompt_len, config.max_new_tokens, config.kv_cache, decode_bytes)
+
+
+def check_memory(config, model, prompt_len, decode_dtype, device):
+    """Refuse a generation whose estimate exceeds the memory there is, before it starts,
+    instead of being killed half-way by the OOM killer."""
     what = f"generating --num_samples={config.num_samples} x --max_new_tokens={config.max_new_tokens} characters"
-    check_fits(parts, device, what, {"generated ids": "use a smaller --max_new_tokens, or fewer --num_samples",
-                                     "KV cache": "use fewer --num_samples (run sample.py several times with other --seed values)"})
+    check_fits(memory_parts(config, model, prompt_len, decode_dtype), device, what,
+               {"generated ids": "use a smaller --max_new_tokens, or fewer --num_samples",
+                "KV cache": "use fewer --num_samples (run sample.py several times with other --seed values)",
+                "forward pass": "use fewer --num_samples (run sample.py several times with other --seed values)"})
 
 
 def read_prompt(start):

@@ -1,0 +1,101 @@
+"""Runs too big for the machine are refused before they start, with both figures; the
+estimate behind it is checked against the peak memory of real train.py and sample.py runs."""
+
+import sys
+
+import pytest
+import torch
+
+import bench
+import memory
+import sample
+import train
+from checkpoint import save_checkpoint
+from conftest import tiny_configs
+from model import GPT, GPTConfig
+
+
+@pytest.fixture
+def random_model(tmp_path):
+    """An out_dir with the checkpoint of an untrained 2 x 64 model (generation costs the same)."""
+    config = GPTConfig(block_size=64, vocab_size=20, n_layer=2, n_head=4, n_embd=64, dropout=0.0)
+    torch.manual_seed(0)
+    model = GPT(config)
+    out = tmp_path / "model"
+    out.mkdir()
+    save_checkpoint({"model": model.state_dict(), "model_config": vars(config), "vocab": "\nabcdefghijklmnopqrs",
+                     "iter_num": 0, "best_val_loss": 3.0}, str(out / "best.pt"))
+    return out
+
+
+def run_main(capsys, module, argv):
+    code = module.main(argv)
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err.strip()
+
+
+def train_flags(data_dir, out_dir, **extra):
+    base = dict(data_dir=data_dir, dataset="tiny", out_dir=out_dir, device="cpu", dtype="float32", n_layer=2, n_head=2,
+                n_embd=32, block_size=16, max_iters=2)
+    base.update(extra)
+    return [f"--{k}={v}" for k, v in base.items()]
+
+
+def test_train_refuses_a_batch_that_cannot_fit(data_dir, tmp_path, capsys):
+    # a billion sequences a step: terabytes of activations, refused before anything is allocated
+    code, out, err = run_main(capsys, train, train_flags(data_dir, tmp_path / "o", batch_size=10**9))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "--batch_size=1000000000" in err and "needs about" in err and "TiB of memory (activations" in err, err
+    assert "is available" in err or "left under the container's memory limit" in err, err
+    assert "smaller --batch_size" in err and "--gradient_accumulation_steps" in err
+    assert not (tmp_path / "o").exists()  # nothing left behind
+
+
+def test_train_refuses_a_model_that_cannot_fit(data_dir, tmp_path, capsys):
+    code, out, err = run_main(capsys, train, train_flags(data_dir, tmp_path / "o", n_layer=100, n_head=64, n_embd=16384))
+    assert code == 1 and len(err.splitlines()) == 1, err
+    assert "(weights, gradients and optimizer state" in err and "a smaller --n_layer or --n_embd" in err, err
+
+
+@pytest.mark.parametrize(
+    "flags, part, advice",
+    [(["--num_samples=1000000000", "--max_new_tokens=10"], "KV cache", "fewer --num_samples"),
+     (["--max_new_tokens=10000000000000"], "generated ids", "a smaller --max_new_tokens")],
+)
+def test_sample_refuses_a_generation_that_cannot_fit(random_model, capsys, flags, part, advice):
+    code, out, err = run_main(capsys, sample, [f"--out_dir={random_model}", "--device=cpu", *flags])
+    assert code == 1 and out == "" and len(err.splitlines()) == 1, err
+    assert err.startswith("sample.py: error: generating") and "TiB of memory" in err and "is available" in err, err
+    assert f"({part} " in err and advice in err, err
+
+
+def test_what_fits_is_not_refused(monkeypatch):
+    parts = {"activations": 3 * 2**30, "PyTorch": 2**20}
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (4 * 2**30, "available"))
+    memory.check_fits(parts, "cpu", "this", {"activations": "less"})
+    monkeypatch.setattr(memory, "available_bytes", lambda device: (2 * 2**30, "available"))
+    with pytest.raises(ValueError, match=r"this needs about 3.0 GiB of memory \(activations 3.0 GiB\) but only 2.0 GiB is available: less"):
+        memory.check_fits(parts, "cpu", "this", {"activations": "less"})
+    monkeypatch.setattr(memory, "available_bytes", lambda device: None)  # a system that does not say: no check
+    memory.check_fits(parts, "cpu", "this", {"activations": "less"})
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss and the calibration are Linux's")
+def test_the_estimate_is_within_its_factor_of_the_measured_peak(data_dir, tmp_path, random_model):
+    """Peak RSS of real runs in fresh processes, minus that of the imports and a loaded model,
+    against memory.py's estimate: a training run (3 steps, two evals and their checkpoints)
+    and a generation long enough to rebuild its KV cache, a few hundred MiB each. (The unfused
+    attention of --attn_dropout is measured by bench.py memory: too slow for a test.)"""
+    training = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=128", "--batch_size=128", "--dropout=0.1",
+                "--dtype=float32"]
+    sampling = ["--num_samples=2000", "--max_new_tokens=70", "--decode_dtype=float32"]
+    baseline, *peaks = bench.peak_rss([
+        [sys.executable, "-c", bench.SAMPLE_BASELINE, str(random_model)],
+        bench.train_command(training, tmp_path / "o", data_dir, "tiny", steps=3),
+        bench.sample_command(str(random_model), sampling),
+    ])
+    estimates = [bench.train_estimate(training, data_dir, "tiny"), bench.sample_estimate(str(random_model), sampling)]
+    for peak, estimate in zip(peaks, estimates):
+        measured = peak - baseline
+        assert 1 / memory.ESTIMATE_FACTOR <= measured / estimate <= memory.ESTIMATE_FACTOR, (
+            memory.format_bytes(measured), memory.format_bytes(estimate))
