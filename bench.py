@@ -2,7 +2,7 @@
 
     python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
-    python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss
+    python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
     python bench.py sample                               # KV-cache vs uncached generation
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
     python bench.py memory                               # memory.py's estimate against the measured peak
@@ -129,9 +129,15 @@ def bench_sizes(args, overrides):
               f"{model.flops_per_token() * tokens / ms / 1e9:.3f} |")
 
 
+LOSS_OUT_DIR = "out-bench"
+
+
 def bench_loss(args, overrides):
     """Train the recipe for real and report when the val loss first reached the target."""
-    config, model_config = load_configs(args.config, [f"--out_dir={args.out_dir}", *overrides])
+    # out-bench is this benchmark's own scratch folder, trained afresh by every run; a folder
+    # given with --out_dir is protected as train.py protects it (add --overwrite=True to reuse it)
+    scratch = ["--overwrite=True"] if args.out_dir == LOSS_OUT_DIR else []
+    config, model_config = load_configs(args.config, [f"--out_dir={args.out_dir}", *scratch, *overrides])
     t_start = time.time()
     reached = []
 
@@ -289,7 +295,8 @@ def main():
     p = sub.add_parser("loss", help="wall time to a target val loss")
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
-    p.add_argument("--out_dir", default="out-bench")
+    p.add_argument("--out_dir", default=LOSS_OUT_DIR,
+                   help=f"where train.py writes (default {LOSS_OUT_DIR}, trained afresh by every run)")
     p = sub.add_parser("memory", help="memory.py's estimate against the measured peak")
     p.add_argument("--out_dir", default=None, help="a trained checkpoint to measure sample.py's estimate on too")
     p = sub.add_parser("sample", help="generation speed")

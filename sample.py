@@ -9,6 +9,8 @@
 Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
 torch.load(weights_only=True): the checkpoint alone rebuilds the model and its vocabulary.
 One sample streams to stdout character by character; several are generated in one batch.
+A generation too big for the memory there is (--num_samples x --max_new_tokens: the KV
+cache, the ids, the text) is refused before it starts, with both figures (memory.py).
 
 --attention FILE.png draws, before sampling, the attention weights of every layer and head
 for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is

@@ -1,12 +1,12 @@
 """Train the lecture's GPT on a prepared character dataset.
 
     python prepare.py                                  # once: data/shakespeare_char/
-    python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU: ~25 s
-    python train.py config/shakespeare_char.py         # the lecture's architecture, 30 min on 2 cores
+    python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU: ~25 s, into out-cpu/
+    python train.py config/shakespeare_char.py         # the lecture's architecture, 30 min on 2 cores, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
-    python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke   # smoke run
+    python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
 
 Settings come from the dataclass defaults below, then the config file, then --key=value
@@ -18,6 +18,11 @@ in place; otherwise a plain line every log_interval steps (see metrics.py). Each
 prints a short sample (eval_sample_chars). Ctrl-C or SIGTERM saves ckpt.pt and exits;
 --init_from=resume continues exactly where the run stopped, and max_iters stays the total
 number of steps; metrics.jsonl is cut back to that step and appended to.
+
+Before it writes anything, a run claims out_dir (rundir.py): it refuses a folder another
+run is training in (an OS lock on out_dir/.lock, which kill -9 frees), and a new run
+refuses a folder that holds a trained model unless --overwrite=True. It also refuses, with
+both figures, a run whose estimated memory (memory.py) exceeds what the machine has free.
 """
 
 import contextlib

@@ -8,7 +8,7 @@ batch 12, 2000 steps) reaches 1.88 in about 80 s on the same kind of machine.
 
     python train.py config/shakespeare_char_cpu.py
 """
-out_dir = "out"
+out_dir = "out-cpu"
 dataset = "shakespeare_char"
 
 n_layer = 2

@@ -33,3 +33,8 @@ def test_bench_sample_and_loss(data_dir, tmp_path):
                 "--eval_interval=10", "--eval_iters=2", "--device=cpu", "--eval_sample_chars=0", "--sample_chars=0",
                 "--learning_rate=0.01")
     assert "val loss <= 3.5 first at step" in out
+    # a folder named with --out_dir is protected as train.py protects it; out-bench is not
+    again = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "loss", "--target=3.5",
+                            f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny"],
+                           capture_output=True, text=True, timeout=300)
+    assert again.returncode == 1 and again.stderr.startswith("bench.py: error: --out_dir") and "--overwrite=True" in again.stderr

@@ -22,12 +22,14 @@ def flags(data_dir, out_dir, **extra):
     return [f"--{k}={v}" for k, v in base.items()]
 
 
-def torchrun(args, nproc=2):
+def torchrun(args, nproc=2, check=True):
     result = subprocess.run(
         [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
          os.path.join(ROOT, "train.py"), *args],
         capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
+    if not check:
+        return result
     assert result.returncode == 0, result.stdout[-2000:] + result.stderr[-3000:]
     return result.stdout
 
@@ -90,3 +92,17 @@ def test_two_process_run_learns_resumes_and_samples(data_dir, tmp_path):
     result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", "--max_new_tokens=40"],
                             capture_output=True, text=True, timeout=120)
     assert result.returncode == 0 and len(result.stdout) == 42, result.stderr
+
+
+def test_a_run_refused_by_rank_0_stops_every_process(data_dir, tmp_path):
+    """Only rank 0 locks out_dir and looks for a trained model in it; when it refuses, the
+    other process must stop too instead of waiting for it in a collective."""
+    out = tmp_path / "o"
+    train.train(*tiny_configs(data_dir, out, max_iters=2, eval_interval=2, sample_chars=0, eval_sample_chars=0),
+                log=lambda m: None)
+    before = (out / "ckpt.pt").read_bytes()
+    result = torchrun(flags(data_dir, out, max_iters=4, eval_interval=2), check=False)
+    assert result.returncode != 0
+    assert result.stderr.count("train.py: error: --out_dir") == 1, result.stderr[-3000:]  # said once, by rank 0
+    assert "already holds a trained model (ckpt.pt at step 2" in result.stderr
+    assert (out / "ckpt.pt").read_bytes() == before
