@@ -201,21 +201,34 @@ SAMPLE_BASELINE = ("import sys, sample; from checkpoint import *; "
                    "model_from_checkpoint(load_checkpoint(find_checkpoint(sys.argv[1])))")
 
 
-def peak_rss(commands):
-    """The peak resident memory in bytes of each command (an argv list), run side by side
-    to their end in ROOT; a command that fails is a RuntimeError with its stderr."""
+def peak_memory(commands, interval=0.005):
+    """The peak anonymous memory in bytes (RssAnon in /proc/PID/status, read every interval
+    seconds) of each command (an argv list), run side by side to their end in ROOT; a
+    command that fails is a RuntimeError with its stderr. Linux only.
+
+    Anonymous memory (the heap: tensors, Python objects) is what the OOM killer reclaims
+    nothing from. The peak RSS (ru_maxrss) also counts the pages of the libraries, which
+    the kernel may drop and read again at any moment: on a busy machine that moved it by
+    200 MiB between two runs of the same command."""
     errs = [tempfile.TemporaryFile() for _ in commands]  # files, not pipes: a full pipe would stall its process
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err) for cmd, err in zip(commands, errs)]
-    peaks = []
+    peaks = [0] * len(procs)
+    while any(proc.poll() is None for proc in procs):
+        for i, proc in enumerate(procs):
+            try:
+                with open(f"/proc/{proc.pid}/status", encoding="ascii") as f:
+                    anon = next((line for line in f if line.startswith("RssAnon:")), None)
+            except OSError:  # ended between poll() and open()
+                continue
+            if anon:  # a zombie has none
+                peaks[i] = max(peaks[i], int(anon.split()[1]) * 1024)
+        time.sleep(interval)
     for cmd, proc, err in zip(commands, procs, errs):
-        _, status, usage = os.wait4(proc.pid, 0)  # the rusage of this child alone
-        proc.returncode = os.waitstatus_to_exitcode(status)
         err.seek(0)
         message = err.read().decode(errors="replace").strip()
         err.close()
         if proc.returncode != 0:
             raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {message[-500:]}")
-        peaks.append(usage.ru_maxrss * (1 if sys.platform == "darwin" else 1024))  # bytes on macOS, KiB elsewhere
     return peaks
 
 
@@ -255,28 +268,31 @@ def bench_memory(args, overrides):
         ["config/shakespeare_char.py", "--dtype=float32"],
         ["config/shakespeare_char.py", "--dtype=bfloat16"],
         ["config/shakespeare_char.py", "--dtype=float32", "--attn_dropout=0.1"],
-        ["config/shakespeare_char_lecture.py", "--dtype=float32", "--batch_size=16"],
-        ["config/shakespeare_char_lecture.py", "--dtype=bfloat16", "--batch_size=16"],
-        ["config/shakespeare_char_lecture.py", "--dtype=float32"],
+        ["config/shakespeare_char.py", "--dtype=float32", "--activation=relu2", "--position=rotary", "--qk_norm=True"],
+        ["config/lecture/8_dropout_scaled.py", "--dtype=float32", "--batch_size=16"],
+        ["config/lecture/8_dropout_scaled.py", "--dtype=bfloat16", "--batch_size=16"],
+        ["config/lecture/8_dropout_scaled.py", "--dtype=float32"],
     ]
     row = lambda flags, estimate, measured: (f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | "
                                              f"{memory.format_bytes(measured)} | {measured / estimate:.2f} |")
-    baseline = peak_rss([[sys.executable, "-c", TRAIN_BASELINE]])[0]
-    print(f"train.py, 5 steps in a fresh process: its peak RSS minus the {memory.format_bytes(baseline)} of `{TRAIN_BASELINE}`")
+    baseline = peak_memory([[sys.executable, "-c", TRAIN_BASELINE]])[0]
+    print(f"train.py, 5 steps in a fresh process: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
+          f"`{TRAIN_BASELINE}`")
     print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
     for flags in runs:
         flags = flags + list(overrides)
         with tempfile.TemporaryDirectory() as out_dir:
-            measured = peak_rss([train_command(flags, out_dir)])[0] - baseline
+            measured = peak_memory([train_command(flags, out_dir)])[0] - baseline
         print(row(flags, train_estimate(flags), measured), flush=True)
     if args.out_dir:
-        baseline = peak_rss([[sys.executable, "-c", SAMPLE_BASELINE, args.out_dir]])[0]
-        print(f"sample.py on {args.out_dir}: its peak RSS minus the {memory.format_bytes(baseline)} of the imports and the loaded model")
+        baseline = peak_memory([[sys.executable, "-c", SAMPLE_BASELINE, args.out_dir]])[0]
+        print(f"sample.py on {args.out_dir}: its peak anonymous memory minus the {memory.format_bytes(baseline)} of the "
+          "imports and the loaded model")
         print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
         for flags in (["--num_samples=1", "--max_new_tokens=500"], ["--num_samples=1000", "--max_new_tokens=200"],
                       ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],
                       ["--num_samples=4000", "--max_new_tokens=100"], ["--num_samples=2", "--max_new_tokens=20000"]):
-            measured = peak_rss([sample_command(args.out_dir, flags)])[0] - baseline
+            measured = peak_memory([sample_command(args.out_dir, flags)])[0] - baseline
             print(row(flags, sample_estimate(args.out_dir, flags), measured), flush=True)
 
 

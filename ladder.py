@@ -86,7 +86,8 @@ class Run:
         self.number, self.adds, self.seed = number, adds, seed
         stem = os.path.basename(path)[:-3]
         out_dir = os.path.join(out_root, stem if seed == first_seed else f"{stem}-seed{seed}")
-        self.argv = [path, f"--out_dir={out_dir}", f"--seed={seed}", *overrides]
+        # each run of the ladder trains its stages afresh (the folders are the ladder's own)
+        self.argv = [path, f"--out_dir={out_dir}", f"--seed={seed}", "--overwrite=True", *overrides]
         # the settings train.py will use, read the way it reads them (errors name the flag)
         (self.config, _), _ = parse(self.argv, [train.TrainConfig(), GPTConfig()], "ladder.py")
         self.iter, self.init_val, self.val, self.seconds = 0, None, None, None

@@ -27,17 +27,17 @@ from muon import takes_muon
 
 FLOAT = 4  # bytes of a float32
 # what a run takes besides its tensors: PyTorch's kernels and thread pools on the first
-# steps, matplotlib for loss.png; measured 128-138 MiB on a model of a few kB (bench.py memory)
-RUNTIME_BYTES = 130 * 2**20
-# the resident memory a step's activations take is more than their bytes: short-lived
-# tensors in forward and backward, and the allocator keeping freed blocks for the next step;
-# the peak over a run's first steps was 1.2-1.4x their bytes in float32 (bench.py memory)
-ACTIVATION_SLACK = 1.25
-# a forward without autograd holds up to about 10 (B, T, n_embd) float32 tensors at once
-# (the residual stream, the MLP's 4C before and after the ReLU); its peak resident memory
-# measured 15 of them per token (bench.py memory), in bytes per token and unit of n_embd:
-SAMPLING_ACTIVATIONS = 12 * FLOAT
-SAMPLING_RUNTIME_BYTES = 16 * 2**20  # measured 11-14 MiB: no autograd, no matplotlib
+# steps, matplotlib for loss.png; measured 99-105 MiB on a model of a few kB (bench.py memory)
+RUNTIME_BYTES = 100 * 2**20
+# the memory a step's activations take is more than their bytes: short-lived tensors in
+# forward and backward, and the allocator keeping freed blocks for the next step; the peak
+# over a run's first steps was 1.2-1.5x their bytes (bench.py memory)
+ACTIVATION_SLACK = 1.4
+# a forward without autograd holds at most the residual stream and FeedForward's hidden
+# layer before and after its ReLU, (2 + 2 x ffwd_mult) x n_embd numbers per token; its peak
+# measured 1.3-1.8x that (bench.py memory)
+SAMPLING_SLACK = 1.5
+SAMPLING_RUNTIME_BYTES = 2 * 2**20  # measured under 1 MiB: no autograd, no matplotlib
 # how far the measured peak may be from the estimate, either way (the README's table; a test checks it)
 ESTIMATE_FACTOR = 2
 
@@ -57,6 +57,29 @@ def count_params(model_config):
         model = build_model(model_config)
     named = list(model.named_parameters())
     return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p))
+
+
+def block_bytes_per_token(model_config, dtype="float32"):
+    """Bytes that autograd saves per token in one Block for its backward (see the module
+    docstring); a test counts them against what autograd really keeps."""
+    c, C, m = model_config, model_config.n_embd, model_config.ffwd_mult
+    act = 2 if dtype == "bfloat16" else FLOAT  # the bytes of what the matrix products save
+    branches = 2 if m else 1  # attention, and FeedForward unless ffwd_mult is 0
+    # the residual stream into each branch's LayerNorm (float32), and in the compute dtype
+    # the input of qkv (C), the attention's q, k, v (3C) and output (C), the input of
+    # FeedForward (C) and its hidden layer after the ReLU (ffwd_mult x C)
+    saved = branches * C * FLOAT + (5 + (1 + m if m else 0)) * C * act
+    if c.activation == "relu2":
+        saved += m * C * act  # the ReLU's output as well as its square
+    if c.position == "rotary":
+        saved += 3 * C * act  # the rotated queries and keys and their halves
+    if c.qk_norm:
+        saved += 3 * C * FLOAT  # queries and keys at unit RMS, in float32
+    if c.dropout > 0:
+        saved += branches * C  # a boolean mask per branch
+    if c.attn_dropout > 0:
+        saved += 3 * C * (FLOAT - act)  # the unfused attention keeps q, k, v in float32 (see training_bytes)
+    return saved
 
 
 def training_bytes(model_config, batch_size, optimizer="adamw", dtype="float32", world_size=1):
@@ -79,24 +102,17 @@ def training_bytes(model_config, batch_size, optimizer="adamw", dtype="float32",
     if c.model_type == "bigram":
         activations = tokens * V * FLOAT * 4  # logits, log-softmax and their gradients
     else:
-        act = 2 if dtype == "bfloat16" else FLOAT  # the bytes of what the matrix products save
-        # saved per Block and token: the residual stream twice (the LayerNorms' inputs, float32),
-        # and in the compute dtype the inputs of qkv (C), the attention's q, k, v (3C) and
-        # output (C), the input of ffwd (C) and its ReLU output (4C)
-        per_layer = 2 * C * FLOAT + 10 * C * act
-        if c.dropout > 0:
-            per_layer += 2 * C  # two boolean masks
         # the embeddings' sum and the final LayerNorm (C each), the logits and their
-        # log-softmax (float32), and in backward the gradients of the widest layer (4C, twice)
+        # log-softmax (float32), and in backward the gradients of the widest layer (twice)
         head = 3 * C * FLOAT + 3 * V * FLOAT
-        in_flight = 8 * C * FLOAT
-        activations = tokens * (c.n_layer * per_layer + head + in_flight)
+        in_flight = 2 * max(c.ffwd_mult, 1) * C * FLOAT
+        activations = tokens * (c.n_layer * block_bytes_per_token(c, dtype) + head + in_flight)
         if c.attn_dropout > 0:
-            # SDPA's unfused path (dropout on the attention weights): per Block it saves copies
-            # of q, k, v and three (B, n_head, T, T) tensors (the softmax weights, the mask, the
-            # dropped weights), in float32 even under autocast; backward adds two more at a time
+            # SDPA's unfused path (dropout on the attention weights) saves three (B, n_head, T, T)
+            # tensors per Block (the softmax weights, the mask, the dropped weights), in float32
+            # even under autocast; backward adds two more at a time
             weights = batch_size * c.n_head * c.block_size**2 * FLOAT
-            activations += c.n_layer * (tokens * 3 * C * act + 3 * weights) + 2 * weights
+            activations += c.n_layer * 3 * weights + 2 * weights
     return {"weights, gradients and optimizer state": state, "activations": int(activations * ACTIVATION_SLACK),
             "PyTorch": RUNTIME_BYTES}
 
@@ -105,7 +121,8 @@ def sampling_bytes(model_config, num_samples, prompt_len, max_new_tokens, kv_cac
     """{part: bytes} that generation adds to a loaded model; decode_bytes is the size of the
     decode-dtype copy of the weights (0 when the decode steps use the model's own)."""
     c, N = model_config, num_samples
-    width = c.n_embd if c.model_type == "gpt" else 0
+    # bytes per token of a forward pass without autograd (none for the bigram, just a lookup)
+    width = (2 + 2 * max(c.ffwd_mult, 1)) * c.n_embd * FLOAT * SAMPLING_SLACK if c.model_type == "gpt" else 0
     parts = {}
     if c.model_type == "gpt" and kv_cache:
         cache = 2 * c.n_layer * N * c.block_size * c.n_embd * FLOAT  # (N, nh, block_size, hs), keys and values, per layer
@@ -116,11 +133,11 @@ def sampling_bytes(model_config, num_samples, prompt_len, max_new_tokens, kv_cac
         T = max(prefilled, c.block_size // 2 if rebuild else 0)  # the longest prefill
         parts["KV cache"] = cache
         parts["decode weights"] = decode_bytes
-        forward = N * T * width * SAMPLING_ACTIVATIONS + N * c.vocab_size * FLOAT  # the last position's logits only
+        forward = int(N * T * width) + N * c.vocab_size * FLOAT  # the last position's logits only
         parts["forward pass"] = max(forward, cache if rebuild else 0)
     else:
         T = min(prompt_len + max(max_new_tokens - 1, 0), c.block_size)  # the last step's context
-        parts["forward pass"] = N * T * (width * SAMPLING_ACTIVATIONS + c.vocab_size * FLOAT)  # logits at every position
+        parts["forward pass"] = int(N * T * (width + c.vocab_size * FLOAT))  # logits at every position
     # the ids grow by torch.cat (old and new copy at once, int64); several samples are also
     # kept as Python lists of ids and then strings until printed
     parts["generated ids"] = N * (prompt_len + max_new_tokens) * 8 * 2 + (N * max_new_tokens * 24 if N > 1 else 0)

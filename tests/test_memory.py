@@ -80,16 +80,54 @@ def test_what_fits_is_not_refused(monkeypatch):
     memory.check_fits(parts, "cpu", "this", {"activations": "less"})
 
 
-@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="ru_maxrss and the calibration are Linux's")
+def saved_bytes(model_config, dtype):
+    """Bytes autograd keeps for backward in one training forward of a batch of 3, counted
+    once per storage, without the parameters and their bfloat16 copies (the transposed
+    weights autocast saves; 3 x block_size is no weight's dimension)."""
+    torch.manual_seed(0)
+    model = GPT(model_config).train()
+    params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+    weight_shapes = {tuple(p.shape)[::-1] for p in model.parameters() if p.dim() == 2}
+    seen = {}
+
+    def pack(t):
+        copy_of_weight = t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes
+        if t.untyped_storage().data_ptr() not in params and not copy_of_weight:
+            seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
+        return t
+
+    idx = torch.randint(model_config.vocab_size, (3, model_config.block_size))
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
+        model(idx, idx)
+    return sum(seen.values())
+
+
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, {"activation": "relu2"},
+                                     {"position": "rotary"}, {"qk_norm": True}, {"attn_dropout": 0.1}])
+def test_the_activation_count_is_what_autograd_saves(variant, dtype):
+    """memory.block_bytes_per_token against what a second Block adds to the tensors autograd
+    saves, per token, for each model variant."""
+    config = {"block_size": 32, "vocab_size": 11, "n_head": 4, "n_embd": 64, "dropout": 0.0, **variant}
+    measured = (saved_bytes(GPTConfig(n_layer=2, **config), dtype) - saved_bytes(GPTConfig(n_layer=1, **config), dtype)) / (3 * 32)
+    expected = memory.block_bytes_per_token(GPTConfig(**config), dtype)
+    if variant.get("attn_dropout"):
+        expected += 3 * 4 * 32 * memory.FLOAT  # three (B, n_head, T, T) float32 tensors: n_head x T per token
+    assert measured == pytest.approx(expected, rel=0.1)
+
+
+@pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 def test_the_estimate_is_within_its_factor_of_the_measured_peak(data_dir, tmp_path, random_model):
-    """Peak RSS of real runs in fresh processes, minus that of the imports and a loaded model,
-    against memory.py's estimate: a training run (3 steps, two evals and their checkpoints)
-    and a generation long enough to rebuild its KV cache, a few hundred MiB each. (The unfused
-    attention of --attn_dropout is measured by bench.py memory: too slow for a test.)"""
+    """Peak anonymous memory of real runs in fresh processes, minus that of the imports and a
+    loaded model, against memory.py's estimate: a training run (3 steps, two evals and their
+    checkpoints) and a generation long enough to rebuild its KV cache, a few hundred MiB
+    each. (The unfused attention of --attn_dropout is measured by bench.py memory: too slow
+    for a test.)"""
     training = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=128", "--batch_size=128", "--dropout=0.1",
                 "--dtype=float32"]
     sampling = ["--num_samples=2000", "--max_new_tokens=70", "--decode_dtype=float32"]
-    baseline, *peaks = bench.peak_rss([
+    baseline, *peaks = bench.peak_memory([
         [sys.executable, "-c", bench.SAMPLE_BASELINE, str(random_model)],
         bench.train_command(training, tmp_path / "o", data_dir, "tiny", steps=3),
         bench.sample_command(str(random_model), sampling),
@@ -98,4 +136,4 @@ def test_the_estimate_is_within_its_factor_of_the_measured_peak(data_dir, tmp_pa
     for peak, estimate in zip(peaks, estimates):
         measured = peak - baseline
         assert 1 / memory.ESTIMATE_FACTOR <= measured / estimate <= memory.ESTIMATE_FACTOR, (
-            memory.format_bytes(measured), memory.format_bytes(estimate))
+            memory.format_bytes(measured), memory.format_bytes(estimate), memory.format_bytes(baseline))
