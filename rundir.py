@@ -78,6 +78,10 @@ class RunLock:
                 os.close(fd)
                 raise ValueError(f"--out_dir {self.out_dir} is in use by another training run ({self._owner(owner)}); "
                                  "wait for it to end, or train into another --out_dir") from None
+            except OSError as e:  # a file system without locks (some network mounts)
+                os.close(fd)
+                raise ValueError(f"--out_dir {self.out_dir}: cannot lock {self.path} ({e.strerror or e}), so it cannot "
+                                 "be kept to one run at a time: train into a folder on a local disk") from None
             except BaseException:
                 os.close(fd)
                 raise

@@ -106,7 +106,7 @@ class TrainConfig:
         if self.init_from not in ("scratch", "resume"):
             raise ValueError(f"--init_from must be 'scratch' or 'resume', got {self.init_from!r}")
         if self.overwrite and self.init_from == "resume":
-            raise ValueError("--overwrite=True starts a new run over out_dir's; it does not go with --init_from=resume")
+            raise ValueError("--overwrite=True is for a new run (--init_from=scratch); a resumed run goes on in its out_dir")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):

@@ -37,4 +37,5 @@ def test_bench_sample_and_loss(data_dir, tmp_path):
     again = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "loss", "--target=3.5",
                             f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny"],
                            capture_output=True, text=True, timeout=300)
-    assert again.returncode == 1 and again.stderr.startswith("bench.py: error: --out_dir") and "--overwrite=True" in again.stderr
+    assert again.returncode == 1 and again.stderr.startswith("bench.py: error: --out_dir"), again.stderr
+    assert "--overwrite=True" in again.stderr
