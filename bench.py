@@ -5,7 +5,7 @@
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
     python bench.py sample                               # KV-cache vs uncached generation
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
-    python bench.py memory                               # memory.py's estimate against the measured peak
+    python bench.py memory --out_dir=out-cpu             # memory.py's estimate against the measured peak (Linux)
 
 Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
 or small machine are noisy: compare the figures of one run with each other.
@@ -22,11 +22,11 @@ import time
 import torch
 
 import memory
+import sample
 import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
 from model import GPT, Dropout, GPTConfig, build_model
-import sample
 from sample import resolve_decode_dtype
 
 
@@ -204,12 +204,14 @@ SAMPLE_BASELINE = ("import sys, sample; from checkpoint import *; "
 def peak_memory(commands, interval=0.005):
     """The peak anonymous memory in bytes (RssAnon in /proc/PID/status, read every interval
     seconds) of each command (an argv list), run side by side to their end in ROOT; a
-    command that fails is a RuntimeError with its stderr. Linux only.
+    command that fails is a ValueError with its stderr. Linux only.
 
     Anonymous memory (the heap: tensors, Python objects) is what the OOM killer reclaims
     nothing from. The peak RSS (ru_maxrss) also counts the pages of the libraries, which
     the kernel may drop and read again at any moment: on a busy machine that moved it by
     200 MiB between two runs of the same command."""
+    if not os.path.isfile("/proc/self/status"):
+        raise ValueError("measuring memory reads /proc/PID/status, which only Linux has")
     errs = [tempfile.TemporaryFile() for _ in commands]  # files, not pipes: a full pipe would stall its process
     procs = [subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err) for cmd, err in zip(commands, errs)]
     peaks = [0] * len(procs)
@@ -228,7 +230,7 @@ def peak_memory(commands, interval=0.005):
         message = err.read().decode(errors="replace").strip()
         err.close()
         if proc.returncode != 0:
-            raise RuntimeError(f"{' '.join(map(str, cmd))} failed: {message[-500:]}")
+            raise ValueError(f"{' '.join(map(str, cmd))} failed: {message.splitlines()[-1] if message else 'no message'}")
     return peaks
 
 
@@ -286,8 +288,8 @@ def bench_memory(args, overrides):
         print(row(flags, train_estimate(flags), measured), flush=True)
     if args.out_dir:
         baseline = peak_memory([[sys.executable, "-c", SAMPLE_BASELINE, args.out_dir]])[0]
-        print(f"sample.py on {args.out_dir}: its peak anonymous memory minus the {memory.format_bytes(baseline)} of the "
-          "imports and the loaded model")
+        print(f"sample.py on {args.out_dir}: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
+              "the imports and the loaded model")
         print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
         for flags in (["--num_samples=1", "--max_new_tokens=500"], ["--num_samples=1000", "--max_new_tokens=200"],
                       ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],

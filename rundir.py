@@ -80,6 +80,7 @@ class RunLock:
                                  "wait for it to end, or train into another --out_dir") from None
             except OSError as e:  # a file system without locks (some network mounts)
                 os.close(fd)
+                self._unmake()
                 raise ValueError(f"--out_dir {self.out_dir}: cannot lock {self.path} ({e.strerror or e}), so it cannot "
                                  "be kept to one run at a time: train into a folder on a local disk") from None
             except BaseException:
@@ -122,15 +123,19 @@ class RunLock:
         refused before it wrote anything) is removed again."""
         if not self.held:
             return
+        self._unmake()  # still locked: whoever opened the file meanwhile sees it gone and retries
+        os.close(self.fd)  # closing the last descriptor drops the flock
+        self.fd = None
+
+    def _unmake(self):
+        """Remove the folders this run made, if nothing but the lock file is in them."""
         if self.made and os.listdir(self.out_dir) == [LOCK_NAME]:
-            os.remove(self.path)  # still locked: whoever opened it meanwhile sees it gone and retries
+            os.remove(self.path)
             for folder in self.made:
                 try:
                     os.rmdir(folder)
                 except OSError:  # no longer empty: another run is using it
                     break
-        os.close(self.fd)  # closing the last descriptor drops the flock
-        self.fd = None
 
 
 def claim(out_dir, fresh, overwrite):

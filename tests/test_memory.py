@@ -11,7 +11,6 @@ import memory
 import sample
 import train
 from checkpoint import save_checkpoint
-from conftest import tiny_configs
 from model import GPT, GPTConfig
 
 

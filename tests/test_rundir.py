@@ -2,6 +2,7 @@
 running training from a second one (an OS lock that kill -9 frees), and readers (sample.py,
 eval.py) from a run that saves while they read."""
 
+import errno
 import os
 import signal
 import subprocess
@@ -10,6 +11,7 @@ import sys
 import pytest
 
 import eval as eval_py
+import rundir
 import sample
 import train
 from checkpoint import load_checkpoint, model_from_checkpoint
@@ -107,6 +109,16 @@ def test_a_refused_run_leaves_no_folder_behind(data_dir, tmp_path, capsys):
     out = tmp_path / "new" / "o"
     code, err = main_error(capsys, train, flags(data_dir, out, batch_size=10**9))
     assert code == 1 and "needs about" in err, err
+    assert not (tmp_path / "new").exists()
+
+
+def test_a_folder_that_cannot_be_locked_is_a_clear_error(tmp_path, monkeypatch):
+    def no_locks(fd, operation):
+        raise OSError(errno.ENOLCK, "No locks available")
+
+    monkeypatch.setattr(rundir.fcntl, "flock", no_locks)
+    with pytest.raises(ValueError, match=r"cannot lock .*\.lock \(No locks available\).*local disk"):
+        rundir.claim(str(tmp_path / "new" / "o"), fresh=True, overwrite=False)
     assert not (tmp_path / "new").exists()
 
 
