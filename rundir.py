@@ -10,7 +10,9 @@ the message a second run prints. The kernel drops it when the process ends, howe
 (kill -9 included), so a lock is never stale; the file itself stays behind, harmless. A fresh
 run (--init_from=scratch) refuses an out_dir that holds ckpt.pt or best.pt unless told to
 overwrite: files of a run that died before its first checkpoint (config.json,
-metrics.jsonl, .tmp-*) are not worth protecting. A refused run leaves the folder as it was.
+metrics.jsonl, .tmp-*) are not worth protecting. A refused run leaves the folder as it was
+(one it had to create is removed again). flock is POSIX (Linux, macOS), like the rest of
+the project's file handling.
 """
 
 import fcntl
