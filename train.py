@@ -40,6 +40,7 @@ from configurator import HelpRequested, knob, parse
 from metrics import Reporter
 from model import GPTConfig, build_model
 from muon import MuonAdamW
+from schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from tokenizer import CharTokenizer
 
 
@@ -51,7 +52,7 @@ class TrainConfig:
     data_dir: str = knob("data", "folder holding the prepared datasets")
     init_from: str = knob("scratch", "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt")
     # evaluation and logging
-    eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps")
+    eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps (steps with a time budget too)")
     eval_iters: int = knob(200, "batches per split in each loss estimate")
     log_interval: int = knob(10, "log loss, lr, ms/iter, tokens/s, elapsed and ETA (a line, and metrics.jsonl) every this many steps")
     eval_sample_chars: int = knob(200, "characters of text generated and printed at each eval (0: none)")
@@ -59,11 +60,14 @@ class TrainConfig:
     # data and optimisation
     batch_size: int = knob(64, "sequences per micro-step")
     gradient_accumulation_steps: int = knob(1, "micro-steps whose gradients add up to one optimizer step")
-    max_iters: int = knob(5000, "total optimizer steps (a resumed run stops here too)")
+    max_iters: int = knob(5000, "total optimizer steps (a resumed run stops here too); not used with a time_budget")
+    time_budget: float = knob(0.0, "minutes of wall time for the whole run, evals and checkpoints included: it stops when they are spent, the lr schedule follows the time, and max_iters is not used (0: off)")
     learning_rate: float = knob(1e-3, "peak learning rate of AdamW")
-    min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = knob(100, "steps of linear warmup from 0 to learning_rate")
-    lr_decay_iters: int = knob(0, "step where the cosine decay reaches min_lr (0: max_iters)")
+    min_lr: float = knob(1e-4, "learning rate at the end of the decay")
+    warmup_iters: int = knob(100, "steps of linear warmup from 0 to learning_rate (steps with a time budget too)")
+    lr_schedule: str = knob("cosine", "after warmup: 'cosine' (half a cosine down to min_lr) or 'wsd' (learning_rate, then a straight line to min_lr over the last cooldown_frac of the run)")
+    cooldown_frac: float = knob(0.2, "with lr_schedule='wsd': the fraction of the run (after warmup) that decays to min_lr")
+    lr_decay_iters: int = knob(0, "step where the decay reaches min_lr (0: max_iters); not used with a time_budget")
     weight_decay: float = knob(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
@@ -85,12 +89,16 @@ class TrainConfig:
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr"):
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "time_budget"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"--{key} must be a finite number >= 0, got {value}")
         if self.learning_rate == 0:
             raise ValueError("--learning_rate must be greater than 0")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ValueError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
@@ -172,6 +180,14 @@ class Distributed:
             dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
         return tensor
 
+    def from_master(self, values, device):
+        """values (a list of floats) as rank 0 has them, in every process."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
+
 
 def init_distributed(device):
     """(Distributed, device): join torchrun's process group when it started us (RANK is set),
@@ -228,17 +244,6 @@ class BatchSampler:
 
 # -----------------------------------------------------------------------------
 # optimisation
-
-
-def get_lr(it, config):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    decay_iters = config.lr_decay_iters or config.max_iters
-    if it < config.warmup_iters:
-        return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
-    if it >= decay_iters:
-        return config.min_lr
-    progress = (it - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
 def make_optimizer(model, config, device_type, fused=True):
@@ -350,6 +355,19 @@ def resume_model_config(checkpoint, path, model_config, tokenizer):
     return resolved
 
 
+def budget_change_note(checkpoint, path, config):
+    """A note when a resumed run's time_budget differs from its checkpoint's, else None. The
+    new setting wins, as a new max_iters does: it counts the whole run, the time spent
+    before included, and the lr schedule follows it from here (so the learning rate jumps)."""
+    saved = checkpoint.get("train_config", {}).get("time_budget", 0.0)
+    if saved == config.time_budget:
+        return None
+    was = f"a time budget of {saved:g} min" if saved else "max_iters (no time budget)"
+    now = f"--time_budget={config.time_budget:g}" if config.time_budget else f"max_iters={config.max_iters}"
+    return (f"note: {path} was trained with {was}; the run goes on with {now} for the whole run, "
+            "and the learning rate jumps to that schedule")
+
+
 def write_run_config(out_dir, resolved):
     """Create out_dir with config.json in it, and clear temporary files of a run killed mid-save."""
     try:
@@ -402,12 +420,13 @@ def train(config, model_config, log=print, live=None):
 
     log prints a line; live is a terminal stream to redraw a progress line on, or None for
     plain log lines every log_interval steps."""
+    t_start = time.time()  # a time budget counts from here: loading the data and building the model are part of the run
     config.validate()
     ddp, device = init_distributed(resolve_device(config.device))
     try:
         if not ddp.master:
             log, live = (lambda msg: None), None
-        summary = _train(config, model_config, log, live, ddp, device)
+        summary = _train(config, model_config, log, live, ddp, device, t_start)
         if ddp.world_size > 1:
             # Leave together. The last collective (the final checkpoint's all_gather) holds
             # Python tensors that a gloo worker thread releases a moment after wait() returns;
@@ -420,7 +439,7 @@ def train(config, model_config, log=print, live=None):
             dist.destroy_process_group()
 
 
-def _train(config, model_config, log, live, ddp, device):
+def _train(config, model_config, log, live, ddp, device, t_start):
     device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device_type)
     if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -458,6 +477,7 @@ def _train(config, model_config, log, live, ddp, device):
         "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
     }
     iter_num, best_val_loss = 0, float("inf")
+    progress, elapsed_before = RunProgress(config), None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -470,6 +490,12 @@ def _train(config, model_config, log, live, ddp, device):
             torch.manual_seed(config.seed + ddp.rank + 1000 * iter_num)
             log(f"note: {ckpt_path} was written by {len(states)} process(es), this run has {ddp.world_size}: new random streams")
         log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        # the time the run has spent so far, and what its steps and evals took (a budget goes on from there)
+        elapsed_before = checkpoint.get("elapsed")
+        progress.load_state_dict(checkpoint.get("timings", {}))
+        note = budget_change_note(checkpoint, ckpt_path, config)
+        if note:
+            log(note)
         del checkpoint
 
     global_batch = config.batch_size * config.gradient_accumulation_steps * ddp.world_size
@@ -485,6 +511,9 @@ def _train(config, model_config, log, live, ddp, device):
                 "dtype": dtype, "world_size": ddp.world_size}
     if ddp.master:
         write_run_config(config.out_dir, resolved)
+    if config.time_budget:
+        log(f"time budget {config.time_budget:g} min: the run stops when it is spent, evals and checkpoints included, "
+            f"and the lr schedule follows the time; max_iters={config.max_iters} is not used")
 
     def save(path, with_optimizer=True):
         """Write a checkpoint from rank 0; with several processes every one must call this,
@@ -505,6 +534,7 @@ def _train(config, model_config, log, live, ddp, device):
         }
         if with_optimizer:
             state["optimizer"] = optimizer.state_dict()
+            state["elapsed"], state["timings"] = report.elapsed(), progress.state_dict()
             state["rng"] = rng
             if ddp.world_size > 1:
                 state["rng_ranks"] = rng_ranks
@@ -523,19 +553,31 @@ def _train(config, model_config, log, live, ddp, device):
     flops_per_iter = model.flops_per_token() * tokens_per_iter
 
     model.train()
-    start_iter, t_start = iter_num, time.time()
+    start_iter = iter_num
     t_last, iters_since_log = time.time(), 0
     report = Reporter(config.out_dir, log, live, start_iter, config.max_iters, tokens_per_iter,
-                      resume=config.init_from == "resume", write_files=ddp.master)
+                      resume=config.init_from == "resume", write_files=ddp.master, time_budget=progress.budget,
+                      t_start=t_start, elapsed_before=elapsed_before)
     log = report.log  # so that no message lands on top of the live line
+
+    def where(eval_due):
+        """(progress, last step?) as RunProgress.at; with a time budget rank 0's clock decides for every process."""
+        p, last = progress.at(iter_num, report.elapsed(), eval_due)
+        if progress.budget and ddp.world_size > 1:
+            p, last = ddp.from_master([p, float(last)], device)
+        return p, bool(last)
+
     with StopRequested() as stop, report:  # report: the live line is ended however the loop ends
         while True:
-            lr = get_lr(iter_num, config)
+            resumed_here = iter_num == start_iter and iter_num > 0  # its eval was the last run's
+            eval_due = iter_num % config.eval_interval == 0 and not resumed_here
+            p, last_step = where(eval_due)
+            lr = get_lr(iter_num, config, p)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
-            last_step = iter_num == config.max_iters
-            if (iter_num % config.eval_interval == 0 or last_step) and not (iter_num == start_iter and iter_num > 0):
+            if (eval_due or last_step) and not resumed_here:
+                t_eval = time.time()
                 losses = estimate_loss(eval_model, eval_samplers, config.eval_iters, ctx, device, ddp)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if not all(math.isfinite(v) for v in losses.values()):
@@ -546,10 +588,18 @@ def _train(config, model_config, log, live, ddp, device):
                 save(ckpt_path)
                 if ddp.master:
                     # a sample to watch the model improve; its own seeded generator leaves the
-                    # training RNG streams untouched, so a resumed run stays exact
-                    sample = sample_text(model, tokenizer, config.eval_sample_chars, device, config.seed) if config.eval_sample_chars else None
-                    report.eval(iter_num, losses, best_val_loss, sample)
+                    # training RNG streams untouched, so a resumed run stays exact. It is timed,
+                    # so that a time budget keeps enough for samples.txt (a short unseen sample
+                    # when evals show none)
+                    chars = config.eval_sample_chars or (SAMPLE_PROBE_CHARS if progress.needs_sample_rate() else 0)
+                    t_sample = time.time()
+                    sample = sample_text(model, tokenizer, chars, device, config.seed) if chars else None
+                    progress.measure_sample(time.time() - t_sample, chars)
+                    report.eval(iter_num, losses, best_val_loss, sample if config.eval_sample_chars else None)
+                progress.measure_eval(time.time() - t_eval)
                 t_last, iters_since_log = time.time(), 0  # eval time is not step time
+                # an eval slower than expected may leave no time for another step: then this one was the last
+                last_step = last_step or where(eval_due=False)[1]
             if last_step:
                 break
             if stop.requested(ddp, device):
@@ -557,6 +607,7 @@ def _train(config, model_config, log, live, ddp, device):
                 log(f"{stop.signal or 'stop'}: saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 return {"iter_num": iter_num, "best_val_loss": best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
+            t_step = time.time()
             loss = train_step(step_model, optimizer, batches, config, ctx, device, ddp)
             iter_num += 1
             iters_since_log += 1
@@ -573,15 +624,15 @@ def _train(config, model_config, log, live, ddp, device):
                 dt = (time.time() - t_last) / iters_since_log
                 report.train_step(iter_num, lossf, lr, dt, flops_per_iter)
                 t_last, iters_since_log = time.time(), 0
+            progress.measure_step(time.time() - t_step)  # the logging's device sync included
 
-    elapsed = time.time() - t_start
-    log(f"done: {iter_num} steps in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
     if config.sample_chars > 0 and ddp.master:
         text = sample_text(model, tokenizer, config.sample_chars, device, config.seed)
         with open(os.path.join(config.out_dir, "samples.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed}
+    report.done(iter_num, best_val_loss)  # the last line: the steps taken (or bought) and the time
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": report.elapsed()}
 
 
 def sample_text(model, tokenizer, num_chars, device, seed):
