@@ -22,7 +22,9 @@ rate is the lower of the warmup's and the schedule's.
 
 RunProgress decides when a budget run stops: before each step it asks whether one more
 step, the eval due now, and the final eval, checkpoint and samples.txt still fit in the
-budget, from their measured times (the eval at step 0 gives the first measurement).
+budget, from their measured times (the eval at step 0 gives the first measurement). On a
+shared machine everything can slow down at once, so when steps have become slower than
+they were at the last eval, the eval and the sample are expected to be slower by as much.
 """
 
 import math
@@ -80,6 +82,7 @@ class RunProgress:
         self.config = config
         self.budget = config.time_budget * 60.0  # seconds; 0: a step run
         self.step_seconds = self.eval_seconds = self.char_seconds = None
+        self.eval_pace = None  # step_seconds when eval_seconds was measured (or at the first step after it)
 
     # -- measurements
 
@@ -87,10 +90,18 @@ class RunProgress:
         """A training step took this long (wall time, its logging included)."""
         # a moving average: steady against one slow step, quick to follow a slower machine
         self.step_seconds = seconds if self.step_seconds is None else 0.9 * self.step_seconds + 0.1 * seconds
+        if self.eval_seconds is not None and self.eval_pace is None:
+            self.eval_pace = self.step_seconds
 
     def measure_eval(self, seconds):
         """An eval took this long: the loss estimate, checkpoints, the sample, the plot."""
-        self.eval_seconds = seconds
+        self.eval_seconds, self.eval_pace = seconds, self.step_seconds
+
+    def slowdown(self):
+        """How much slower steps run now than when the last eval was measured (at least 1)."""
+        if not (self.step_seconds and self.eval_pace):
+            return 1.0
+        return max(1.0, self.step_seconds / self.eval_pace)
 
     def measure_sample(self, seconds, chars):
         if chars > 0:
@@ -101,10 +112,11 @@ class RunProgress:
         return self.budget > 0 and self.config.sample_chars > 0 and self.char_seconds is None
 
     def state_dict(self):
-        return {"step_seconds": self.step_seconds, "eval_seconds": self.eval_seconds, "char_seconds": self.char_seconds}
+        return {"step_seconds": self.step_seconds, "eval_seconds": self.eval_seconds, "char_seconds": self.char_seconds,
+                "eval_pace": self.eval_pace}
 
     def load_state_dict(self, state):
-        for key in ("step_seconds", "eval_seconds", "char_seconds"):
+        for key in ("step_seconds", "eval_seconds", "char_seconds", "eval_pace"):
             if state.get(key) is not None:
                 setattr(self, key, float(state[key]))
 
@@ -113,7 +125,7 @@ class RunProgress:
     def final_seconds(self):
         """The time the run needs after its last step: the final eval and checkpoint, and samples.txt."""
         sample = self.config.sample_chars * (self.char_seconds or 0.0)
-        return SAFETY * ((self.eval_seconds or 0.0) + sample)
+        return SAFETY * self.slowdown() * ((self.eval_seconds or 0.0) + sample)
 
     def at(self, it, elapsed, eval_due):
         """(p, last): the progress at step it after elapsed seconds, and whether the run ends
@@ -128,7 +140,8 @@ class RunProgress:
         would go past it. Unmeasured times count as 0 (the first eval measures them)."""
         if not self.budget:
             return False
-        need = (self.step_seconds or 0.0) + (SAFETY * self.eval_seconds if eval_due and self.eval_seconds else 0.0)
+        eval_now = SAFETY * self.slowdown() * self.eval_seconds if eval_due and self.eval_seconds else 0.0
+        need = (self.step_seconds or 0.0) + eval_now
         return elapsed + need + self.final_seconds() > self.budget
 
     def left(self, elapsed):

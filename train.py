@@ -5,6 +5,7 @@
     python train.py config/shakespeare_char.py         # the lecture's architecture, 30 min on 2 cores
     python train.py config/shakespeare_char_lecture.py # the lecture's exact model and recipe (a GPU)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
+    python train.py config/shakespeare_char.py --time_budget=15     # as good a model as 15 minutes give here
     python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke   # smoke run
     python train.py --help                             # every key, its default and meaning
 
@@ -17,6 +18,16 @@ in place; otherwise a plain line every log_interval steps (see metrics.py). Each
 prints a short sample (eval_sample_chars). Ctrl-C or SIGTERM saves ckpt.pt and exits;
 --init_from=resume continues exactly where the run stopped, and max_iters stays the total
 number of steps; metrics.jsonl is cut back to that step and appended to.
+
+A run is measured in steps (max_iters) or, with --time_budget=MINUTES, in wall time: then
+the budget alone decides when the run stops and drives the lr schedule (max_iters and
+lr_decay_iters are not used, and the run says so once). The time counts from the start of
+train(), loading the data and building the model included, to the end of samples.txt: the
+loop stops early enough for the final eval, checkpoint and sample, whose times it measured
+at the earlier evals. warmup_iters and eval_interval stay in steps (see schedule.py for
+why). A resumed budget run goes on with the time its checkpoint had spent; a different
+--time_budget on resume counts the whole run, as a different max_iters does. A budget run is
+not bit-for-bit reproducible: where it stops and its learning rates depend on the clock.
 """
 
 import contextlib

@@ -78,8 +78,8 @@ def test_run_progress_stops_a_budget_run_in_time_from_measured_costs():
     # nothing measured yet: only the budget itself stops the run
     assert progress.at(0, 59.0, eval_due=True) == (59.0 / 60, False)
     assert progress.at(0, 61.0, eval_due=True) == (1.0, True)
-    progress.measure_step(1.0)
     progress.measure_eval(5.0)
+    progress.measure_step(1.0)  # the pace of the machine at that eval
     progress.measure_sample(0.5, 50)  # 10 ms a character: samples.txt takes 1 s
     final = SAFETY * (5.0 + 1.0)
     assert progress.final_seconds() == pytest.approx(final)
@@ -88,6 +88,10 @@ def test_run_progress_stops_a_budget_run_in_time_from_measured_costs():
     # an eval due now costs its time too
     assert progress.at(100, 60 - 1.0 - final - 0.01, eval_due=True)[1]
     assert not progress.at(100, 60 - 1.0 - final - SAFETY * 5.0 - 0.01, eval_due=True)[1]
+    # steps three times slower than at the eval: the end will be too
+    for _ in range(200):
+        progress.measure_step(3.0)
+    assert progress.slowdown() == pytest.approx(3.0) and progress.final_seconds() == pytest.approx(3 * final)
     # the measurements go into the checkpoint and come back
     again = RunProgress(config)
     again.load_state_dict(json.loads(json.dumps(progress.state_dict())))
@@ -126,10 +130,16 @@ def test_budget_progress_line_shows_the_time_left(tmp_path):
 
 
 @pytest.fixture(scope="module", autouse=True)
-def warm():
-    """A process's first optimizer imports torch._dynamo: a second or more on a busy machine, a
-    real part of a fresh run's time, but not what the budget runs here are about."""
+def steady():
+    """One thread: on a busy 2-core machine two threads wait for each other at every operation
+    and a tiny step takes anywhere from 5 to 300 ms. And a process's first optimizer imports
+    torch._dynamo, a second or more: a real part of a fresh run's time, but not what the
+    budget runs here are about."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
     torch.optim.AdamW([torch.zeros(1, requires_grad=True)])
+    yield
+    torch.set_num_threads(threads)
 
 
 def budget_run(data_dir, out_dir, monkeypatch, **overrides):
