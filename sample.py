@@ -10,6 +10,12 @@ Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
 torch.load(weights_only=True): the checkpoint alone rebuilds the model and its vocabulary.
 One sample streams to stdout character by character; several are generated in one batch.
 
+--decode_dtype=auto (the default) runs the one-character decode steps in whichever of
+float32, float16, bfloat16 and int8 is fastest for this model and --num_samples on this
+machine: the first time, a few steps of each are timed (a fraction of a second) and the
+pick is cached in ~/.cache/chargpt/decode_dtype.json (see decode_dtype.py; delete the file
+to measure again).
+
 --attention FILE.png draws, before sampling, the attention weights of every layer and head
 for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is
 how much the character at t takes from each earlier one, so everything above the diagonal
@@ -26,32 +32,8 @@ import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import HelpRequested, knob, parse
+from decode_dtype import DECODE_DTYPES, resolve_decode_dtype
 from train import resolve_device
-
-
-DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
-
-
-# float32 weights above this many bytes no longer stay in a CPU's caches between decode steps
-CACHE_BYTES = 16 * 2**20
-
-
-def resolve_decode_dtype(name, model, batch_size=1):
-    """The dtype of Decoder's weights for this model. A decode step reads every weight once
-    to do little arithmetic with it, so once the weights no longer fit in the CPU's caches
-    its time is mostly the bytes read from memory. 'auto' on the CPU: float32 for a model
-    under 16 MB of weights, else float16 for one sample (PyTorch's float16 matrix-vector
-    kernel is the fastest then, even without native 16-bit arithmetic) and int8 for a
-    batch (its kernels also do small matrix products well; float16's do not); bfloat16 on
-    CUDA; float32 elsewhere. Measured in the README."""
-    if name != "auto":
-        return DECODE_DTYPES[name]
-    device_type = next(model.parameters()).device.type
-    if device_type == "cpu":
-        if sum(p.numel() for p in model.parameters()) * 4 <= CACHE_BYTES:
-            return torch.float32
-        return torch.float16 if batch_size == 1 else torch.int8
-    return torch.bfloat16 if device_type == "cuda" else torch.float32
 
 
 @dataclass
@@ -66,7 +48,7 @@ class SampleConfig:
     seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
     kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
-    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (CPU: float32 for a model under 16 MB, else float16 for one sample and int8 for several; CUDA: bfloat16), float32, float16, bfloat16 or int8")
+    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (the fastest for this model and num_samples here: a few steps of each timed once, then cached in ~/.cache/chargpt), float32, float16, bfloat16 or int8")
     attention: str = knob("", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)")
 
     def validate(self):

@@ -1,0 +1,174 @@
+"""The dtype of the KV-cache decoder's weights (sample.py --decode_dtype): measured, not guessed.
+
+A decode step reads every weight of the model once to do little arithmetic with it, so the
+narrower the weights the fewer bytes it reads; but whether that wins depends on the machine
+(its caches, whether it has AVX-512 FP16 or BF16, how good PyTorch's int8 kernels are on it),
+on the model's size and on the batch. On the AMD EPYC where this project started float16 was
+the fastest for the lecture's model; on an Intel Xeon it was the slowest. So 'auto' times a
+few decode steps of each candidate, on this machine, for this model and batch size, and
+takes the fastest:
+
+    CPU    float32, float16, bfloat16, int8 (int8 where PyTorch has its quantized kernels)
+    CUDA   float32, float16, bfloat16 (where the GPU has it)
+    other  float32, not timed
+
+The timing is fair to every candidate: each decoder is built and warmed up with one step
+first, then ROUNDS rounds time STEPS decode steps of each candidate in turn (interleaved, so
+that a change in the machine's load hits all of them alike), from the same cache position,
+with time.perf_counter; a candidate's time is its best round (other programs only ever make
+a round slower). A fraction of a second in all, for the lecture's model.
+
+The pick is cached in ~/.cache/chargpt/decode_dtype.json ($XDG_CACHE_HOME/chargpt if set),
+one entry per machine (CPU model and a hash of its flags, or the GPU's name; the PyTorch
+version; the number of threads), model shape and batch size. The file is written to a
+temporary name and renamed; one that cannot be read or written is ignored: sampling never
+fails because of it.
+"""
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+
+import torch
+
+from model import GPT, Decoder, KVCache
+
+DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
+STEPS = 4  # decode steps per round and candidate
+ROUNDS = 3
+
+
+def resolve_decode_dtype(name, model, batch_size=1):
+    """The torch dtype of Decoder's weights: name itself, or for 'auto' the fastest candidate
+    for this model and batch size on this machine (see pick_decode_dtype)."""
+    if name != "auto":
+        return DECODE_DTYPES[name]
+    return DECODE_DTYPES[pick_decode_dtype(model, batch_size)[0]]
+
+
+def candidates(device):
+    """The dtype names auto chooses among on this device."""
+    if device.type == "cpu":
+        return ["float32", "float16", "bfloat16", "int8"]
+    if device.type == "cuda":
+        return ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
+    return ["float32"]
+
+
+def pick_decode_dtype(model, batch_size=1, use_cache=True):
+    """(name, seconds per step by name, where): the fastest decode dtype for model at this batch
+    size; the seconds are {} and where is 'cache' when the cached pick was used, else 'timed'."""
+    device = next(model.parameters()).device
+    names = candidates(device)
+    if not isinstance(model, GPT) or len(names) == 1:
+        return "float32", {}, "timed"  # nothing to choose: no decoder, or one candidate
+    key = cache_key(model, batch_size, device)
+    if use_cache:
+        cached = read_cache().get(key)
+        if cached in names:
+            return cached, {}, "cache"
+    seconds = decode_step_seconds(model, names, batch_size)
+    best = min(seconds, key=seconds.get)
+    if use_cache:
+        write_cache(key, best)
+    return best, seconds, "timed"
+
+
+@torch.no_grad()
+def decode_step_seconds(model, names, batch_size):
+    """{name: seconds per decode step} for the dtypes among names that this machine can run."""
+    device = next(model.parameters()).device
+    config = model.config
+    steps = min(STEPS, config.block_size - 1)
+    # from the middle of the window, where generation spends its time on average
+    start = max(1, min(config.block_size // 2, config.block_size - steps))
+    cache = KVCache(config, batch_size, device, model.lm_head.weight.dtype)
+    model.prefill(torch.zeros(batch_size, start, dtype=torch.long, device=device), cache)
+    idx = torch.zeros(batch_size, dtype=torch.long, device=device)  # (B,)
+
+    def run(decoder, n):
+        cache.pos = start
+        for _ in range(n):
+            decoder(idx, cache)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+
+    decoders = {}
+    for name in names:
+        try:
+            decoder = Decoder(model, DECODE_DTYPES[name])
+            run(decoder, 1)  # warm-up: the first calls allocate and pick their kernels
+        except (ValueError, RuntimeError):  # int8 without PyTorch's quantized kernels, say
+            continue
+        decoders[name] = decoder
+    best = {name: float("inf") for name in decoders}
+    for _ in range(ROUNDS):
+        for name, decoder in decoders.items():
+            t0 = time.perf_counter()
+            run(decoder, steps)
+            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
+    return best
+
+
+# -----------------------------------------------------------------------------
+# the cache
+
+
+def cache_path():
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "chargpt", "decode_dtype.json")
+
+
+def machine():
+    """What the timings depend on besides the model: the processor, PyTorch and its threads."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    info = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux; elsewhere platform's name
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    # a virtual machine may call every CPU "Intel(R) Xeon(R) Processor": its flags tell them apart
+    flags = hashlib.sha1(info.get("flags", "").encode()).hexdigest()[:8]
+    return f"{name} (flags {flags}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def cache_key(model, batch_size, device):
+    # the model's shape: every config field but dropout, which decoding does not use
+    shape = {k: v for k, v in sorted(vars(model.config).items()) if "dropout" not in k}
+    return f"{machine()} | {device.type} | {json.dumps(shape)} | batch {batch_size}"
+
+
+def read_cache():
+    """The cached picks, {key: dtype name}; {} when the file is missing, unreadable or corrupt."""
+    try:
+        with open(cache_path(), encoding="utf-8") as f:
+            picks = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return picks if isinstance(picks, dict) else {}
+
+
+def write_cache(key, name):
+    """Add a pick to the cache; a cache that cannot be written is left alone, silently."""
+    path = cache_path()
+    picks = {**read_cache(), key: name}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
+    except OSError:
+        return
+    try:
+        with os.fdopen(fd, "w", encoding="utf-8") as f:
+            json.dump(picks, f, indent=1)
+        os.replace(tmp, path)
+    except OSError:
+        if os.path.exists(tmp):
+            os.remove(tmp)

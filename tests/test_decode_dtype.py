@@ -1,0 +1,93 @@
+"""--decode_dtype=auto: it picks the fastest candidate from timings (fixed numbers here: the
+tests never assert a real timing), keeps the pick in a cache, and a broken cache never gets
+in the way of sampling."""
+
+import json
+import os
+
+import pytest
+import torch
+
+import decode_dtype
+from decode_dtype import DECODE_DTYPES, cache_path, pick_decode_dtype, resolve_decode_dtype
+from model import GPT, BigramLanguageModel, GPTConfig
+
+
+@pytest.fixture
+def model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=2, n_head=2, n_embd=32)).eval()
+
+
+@pytest.fixture(autouse=True)
+def cache_dir(tmp_path, monkeypatch):
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+    return tmp_path / "cache"
+
+
+def fixed_timings(monkeypatch, seconds):
+    calls = []
+
+    def timed(model, names, batch_size):
+        calls.append(batch_size)
+        return {name: seconds[name] for name in names if name in seconds}
+
+    monkeypatch.setattr(decode_dtype, "decode_step_seconds", timed)
+    return calls
+
+
+def test_auto_times_the_candidates_and_returns_one(model):
+    name, seconds, where = pick_decode_dtype(model, 2, use_cache=False)
+    assert where == "timed" and name in decode_dtype.candidates(torch.device("cpu"))
+    assert {"float32", "float16", "bfloat16"} <= set(seconds) and all(s > 0 for s in seconds.values())
+    assert seconds[name] == min(seconds.values())
+    assert resolve_decode_dtype("auto", model) in DECODE_DTYPES.values()
+
+
+def test_auto_takes_the_fastest(model, monkeypatch):
+    fixed_timings(monkeypatch, {"float32": 3e-3, "float16": 1e-3, "bfloat16": 2e-3, "int8": 4e-3})
+    assert pick_decode_dtype(model, 1) == ("float16", {"float32": 3e-3, "float16": 1e-3, "bfloat16": 2e-3, "int8": 4e-3}, "timed")
+    assert resolve_decode_dtype("auto", model, batch_size=3) == torch.float16
+    fixed_timings(monkeypatch, {"float32": 3e-3, "float16": 5e-3, "bfloat16": 6e-3, "int8": 1e-3})
+    assert resolve_decode_dtype("auto", model, batch_size=4) == torch.int8  # a new batch size is a new key
+
+
+def test_a_named_dtype_and_a_bigram_model_are_not_timed(monkeypatch):
+    calls = fixed_timings(monkeypatch, {})
+    bigram = BigramLanguageModel(GPTConfig(model_type="bigram", vocab_size=11))
+    assert resolve_decode_dtype("int8", bigram) == torch.int8
+    assert pick_decode_dtype(bigram, 1)[0] == "float32" and calls == []
+
+
+def test_a_cache_hit_skips_the_timing(model, monkeypatch, cache_dir):
+    calls = fixed_timings(monkeypatch, {"float32": 2e-3, "float16": 3e-3, "bfloat16": 4e-3, "int8": 1e-3})
+    assert pick_decode_dtype(model, 1)[0] == "int8" and calls == [1]
+    assert pick_decode_dtype(model, 1) == ("int8", {}, "cache") and calls == [1]
+    cached = json.loads((cache_dir / "chargpt" / "decode_dtype.json").read_text(encoding="utf-8"))
+    (key, value), = cached.items()
+    assert value == "int8" and "torch " + torch.__version__ in key and "batch 1" in key
+    # another model shape is another entry
+    other = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=32)).eval()
+    assert pick_decode_dtype(other, 1)[2] == "timed" and calls == [1, 1]
+    assert not [name for name in os.listdir(cache_dir / "chargpt") if name.startswith(".tmp-")]
+
+
+@pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"key": 3', b"\xff\xfe"])
+def test_a_corrupt_cache_is_ignored_and_replaced(model, monkeypatch, content):
+    path = cache_path()
+    os.makedirs(os.path.dirname(path))
+    with open(path, "wb") as f:
+        f.write(content)
+    calls = fixed_timings(monkeypatch, {"float32": 1e-3, "float16": 3e-3, "bfloat16": 4e-3, "int8": 2e-3})
+    assert pick_decode_dtype(model, 1)[0] == "float32" and calls == [1]
+    assert list(json.loads(open(path, encoding="utf-8").read()).values()) == ["float32"]
+
+
+def test_an_unwritable_cache_never_breaks_sampling(model, monkeypatch, tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(blocker))  # ~/.cache/chargpt cannot be created
+    calls = fixed_timings(monkeypatch, {"float32": 2e-3, "float16": 1e-3, "bfloat16": 4e-3, "int8": 3e-3})
+    assert pick_decode_dtype(model, 1)[0] == "float16"
+    assert pick_decode_dtype(model, 1)[0] == "float16" and calls == [1, 1]  # timed again: nothing was kept
+    assert blocker.read_text() == "not a folder"
