@@ -20,9 +20,10 @@ a round slower). A fraction of a second in all, for the lecture's model.
 
 The pick is cached in ~/.cache/chargpt/decode_dtype.json ($XDG_CACHE_HOME/chargpt if set),
 one entry per machine (CPU model and a hash of its flags, or the GPU's name; the PyTorch
-version; the number of threads), model shape and batch size. The file is written to a
-temporary name and renamed; one that cannot be read or written is ignored: sampling never
-fails because of it.
+version; the number of threads), model shape and batch size. A timing whose rounds disagree
+by more than NOISY times (other programs kept the machine busy) is used but not kept: the
+next run times again. The file is written to a temporary name and renamed; one that cannot
+be read or written is ignored: sampling never fails because of it.
 """
 
 import hashlib
@@ -39,6 +40,7 @@ from model import GPT, Decoder, KVCache
 DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 STEPS = 4  # decode steps per round and candidate
 ROUNDS = 3
+NOISY = 2.0  # a candidate's slowest round over its fastest, above which a timing is not cached
 
 
 def resolve_decode_dtype(name, model, batch_size=1):
@@ -70,16 +72,18 @@ def pick_decode_dtype(model, batch_size=1, use_cache=True):
         cached = read_cache().get(key)
         if cached in names:
             return cached, {}, "cache"
-    seconds = decode_step_seconds(model, names, batch_size)
+    rounds = decode_step_seconds(model, names, batch_size)
+    seconds = {name: min(times) for name, times in rounds.items()}
     best = min(seconds, key=seconds.get)
-    if use_cache:
+    if use_cache and all(max(times) <= NOISY * min(times) for times in rounds.values()):
         write_cache(key, best)
     return best, seconds, "timed"
 
 
 @torch.no_grad()
 def decode_step_seconds(model, names, batch_size):
-    """{name: seconds per decode step} for the dtypes among names that this machine can run."""
+    """{name: [seconds per decode step in each round]} for the dtypes among names that this
+    machine can run."""
     device = next(model.parameters()).device
     config = model.config
     steps = min(STEPS, config.block_size - 1)
@@ -104,13 +108,13 @@ def decode_step_seconds(model, names, batch_size):
         except (ValueError, RuntimeError):  # int8 without PyTorch's quantized kernels, say
             continue
         decoders[name] = decoder
-    best = {name: float("inf") for name in decoders}
+    rounds = {name: [] for name in decoders}
     for _ in range(ROUNDS):
         for name, decoder in decoders.items():
             t0 = time.perf_counter()
             run(decoder, steps)
-            best[name] = min(best[name], (time.perf_counter() - t0) / steps)
-    return best
+            rounds[name].append((time.perf_counter() - t0) / steps)
+    return rounds
 
 
 # -----------------------------------------------------------------------------

@@ -30,7 +30,7 @@ def fixed_timings(monkeypatch, seconds):
 
     def timed(model, names, batch_size):
         calls.append(batch_size)
-        return {name: seconds[name] for name in names if name in seconds}
+        return {name: [seconds[name] * 1.2, seconds[name], seconds[name] * 1.1] for name in names if name in seconds}
 
     monkeypatch.setattr(decode_dtype, "decode_step_seconds", timed)
     return calls
@@ -40,6 +40,8 @@ def test_auto_times_the_candidates_and_returns_one(model):
     name, seconds, where = pick_decode_dtype(model, 2, use_cache=False)
     assert where == "timed" and name in decode_dtype.candidates(torch.device("cpu"))
     assert {"float32", "float16", "bfloat16"} <= set(seconds) and all(s > 0 for s in seconds.values())
+    rounds = decode_dtype.decode_step_seconds(model, ["float32", "int8"], 1)
+    assert all(len(times) == decode_dtype.ROUNDS and min(times) > 0 for times in rounds.values())
     assert seconds[name] == min(seconds.values())
     assert resolve_decode_dtype("auto", model) in DECODE_DTYPES.values()
 
@@ -57,6 +59,15 @@ def test_a_named_dtype_and_a_bigram_model_are_not_timed(monkeypatch):
     bigram = BigramLanguageModel(GPTConfig(model_type="bigram", vocab_size=11))
     assert resolve_decode_dtype("int8", bigram) == torch.int8
     assert pick_decode_dtype(bigram, 1)[0] == "float32" and calls == []
+
+
+def test_a_noisy_timing_is_used_but_not_cached(model, monkeypatch, cache_dir):
+    calls = []
+    monkeypatch.setattr(decode_dtype, "decode_step_seconds",
+                        lambda model, names, batch: calls.append(1) or {"float32": [1e-3, 9e-3], "int8": [2e-3, 2e-3]})
+    assert pick_decode_dtype(model, 1)[0] == "float32"  # its best round wins
+    assert pick_decode_dtype(model, 1)[2] == "timed" and len(calls) == 2
+    assert not os.path.exists(cache_dir / "chargpt" / "decode_dtype.json")
 
 
 def test_a_cache_hit_skips_the_timing(model, monkeypatch, cache_dir):
