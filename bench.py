@@ -159,7 +159,7 @@ def bench_sample(args, overrides):
     # what sample.py's --decode_dtype=auto picks, timed afresh here rather than read from its cache
     t0 = time.perf_counter()
     if args.decode_dtype == "auto":
-        auto = {batch: pick_decode_dtype(model, batch, use_cache=False)[0] for batch in (1, 10)}
+        auto = {batch: pick_decode_dtype(model, batch, args.new_tokens, use_cache=False)[0] for batch in (1, 10)}
     else:
         auto = {1: args.decode_dtype, 10: args.decode_dtype}
     picked_in = time.perf_counter() - t0

@@ -6,21 +6,25 @@ narrower the weights the fewer bytes it reads; but whether that wins depends on 
 on the model's size and on the batch. On the AMD EPYC where this project started float16 was
 the fastest for the lecture's model; on an Intel Xeon it was the slowest. So 'auto' times a
 few decode steps of each candidate, on this machine, for this model and batch size, and
-takes the fastest:
+takes the one that generates the requested number of characters fastest: its decode steps,
+plus building its decoder, once per generation (int8's quantized copy of the lecture's
+model takes about 0.15 s here, as long as some 80 steps):
 
     CPU    float32, float16, bfloat16, int8 (int8 where PyTorch has its quantized kernels)
     CUDA   float32, float16, bfloat16 (where the GPU has it)
     other  float32, not timed
 
-The timing is fair to every candidate: each decoder is built and warmed up with one step
-first, then ROUNDS rounds time STEPS decode steps of each candidate in turn (interleaved, so
-that a change in the machine's load hits all of them alike), from the same cache position,
-with time.perf_counter; a candidate's time is its best round (other programs only ever make
-a round slower). A fraction of a second in all, for the lecture's model.
+The timing is fair to every candidate: each decoder is built (timed) and warmed up with one
+step first, then ROUNDS rounds time STEPS decode steps of each candidate in turn
+(interleaved, so that a change in the machine's load hits all of them alike), from the same
+cache position, with time.perf_counter; a candidate's step time is its best round (other
+programs only ever make a round slower). A fraction of a second in all, for the lecture's
+model: about as long as generating 60 characters.
 
-The pick is cached in ~/.cache/chargpt/decode_dtype.json ($XDG_CACHE_HOME/chargpt if set),
+The times are cached in ~/.cache/chargpt/decode_dtype.json ($XDG_CACHE_HOME/chargpt if set),
 one entry per machine (CPU model and a hash of its flags, or the GPU's name; the PyTorch
-version; the number of threads), model shape and batch size. A timing whose rounds disagree
+version; the number of threads), model shape and batch size, and the pick for any number of
+characters follows from them without timing again. A timing whose rounds disagree
 by more than NOISY times (other programs kept the machine busy) is used but not kept: the
 next run times again. The file is written to a temporary name and renamed; one that cannot
 be read or written is ignored: sampling never fails because of it.
@@ -43,12 +47,12 @@ ROUNDS = 3
 NOISY = 2.0  # a candidate's slowest round over its fastest, above which a timing is not cached
 
 
-def resolve_decode_dtype(name, model, batch_size=1):
+def resolve_decode_dtype(name, model, batch_size=1, new_tokens=500):
     """The torch dtype of Decoder's weights: name itself, or for 'auto' the fastest candidate
-    for this model and batch size on this machine (see pick_decode_dtype)."""
+    for generating new_tokens characters with this model and batch size here."""
     if name != "auto":
         return DECODE_DTYPES[name]
-    return DECODE_DTYPES[pick_decode_dtype(model, batch_size)[0]]
+    return DECODE_DTYPES[pick_decode_dtype(model, batch_size, new_tokens)[0]]
 
 
 def candidates(device):
@@ -60,30 +64,38 @@ def candidates(device):
     return ["float32"]
 
 
-def pick_decode_dtype(model, batch_size=1, use_cache=True):
-    """(name, seconds per step by name, where): the fastest decode dtype for model at this batch
-    size; the seconds are {} and where is 'cache' when the cached pick was used, else 'timed'."""
+def pick_decode_dtype(model, batch_size=1, new_tokens=500, use_cache=True):
+    """(name, costs, where): the dtype that generates new_tokens characters per sequence the
+    fastest, building its decoder included. costs is {name: (seconds to build the decoder,
+    seconds per decode step)}; where says whether they were 'timed' now or came from the
+    'cache' ('none' when there is nothing to choose: one candidate, no decoder, no tokens)."""
     device = next(model.parameters()).device
     names = candidates(device)
-    if not isinstance(model, GPT) or len(names) == 1:
-        return "float32", {}, "timed"  # nothing to choose: no decoder, or one candidate
+    if not isinstance(model, GPT) or len(names) == 1 or new_tokens == 0:
+        return "float32", {}, "none"
     key = cache_key(model, batch_size, device)
-    if use_cache:
-        cached = read_cache().get(key)
-        if cached in names:
-            return cached, {}, "cache"
-    rounds = decode_step_seconds(model, names, batch_size)
-    seconds = {name: min(times) for name, times in rounds.items()}
-    best = min(seconds, key=seconds.get)
-    if use_cache and all(max(times) <= NOISY * min(times) for times in rounds.values()):
-        write_cache(key, best)
-    return best, seconds, "timed"
+    costs, where = (read_cache().get(key) if use_cache else None), "cache"
+    if not valid_costs(costs, names):
+        timings, where = time_decoders(model, names, batch_size), "timed"
+        costs = {name: (build, min(steps)) for name, (build, steps) in timings.items()}
+        if use_cache and all(max(steps) <= NOISY * min(steps) for _, steps in timings.values()):
+            write_cache(key, costs)
+    best = min(costs, key=lambda name: costs[name][0] + new_tokens * costs[name][1])
+    return best, costs, where
+
+
+def valid_costs(costs, names):
+    """Whether a cache entry is {name: (build seconds, step seconds)} for some of names."""
+    try:
+        return bool(costs) and all(name in names and len(c) == 2 and min(c) >= 0 for name, c in costs.items())
+    except TypeError:
+        return False
 
 
 @torch.no_grad()
-def decode_step_seconds(model, names, batch_size):
-    """{name: [seconds per decode step in each round]} for the dtypes among names that this
-    machine can run."""
+def time_decoders(model, names, batch_size):
+    """{name: (seconds to build its Decoder, [seconds per decode step in each round])} for the
+    dtypes among names that this machine can run."""
     device = next(model.parameters()).device
     config = model.config
     steps = min(STEPS, config.block_size - 1)
@@ -100,10 +112,12 @@ def decode_step_seconds(model, names, batch_size):
         if device.type == "cuda":
             torch.cuda.synchronize()
 
-    decoders = {}
+    decoders, build = {}, {}
     for name in names:
         try:
+            t0 = time.perf_counter()
             decoder = Decoder(model, DECODE_DTYPES[name])
+            build[name] = time.perf_counter() - t0
             run(decoder, 1)  # warm-up: the first calls allocate and pick their kernels
         except (ValueError, RuntimeError):  # int8 without PyTorch's quantized kernels, say
             continue
@@ -114,7 +128,7 @@ def decode_step_seconds(model, names, batch_size):
             t0 = time.perf_counter()
             run(decoder, steps)
             rounds[name].append((time.perf_counter() - t0) / steps)
-    return rounds
+    return {name: (build[name], rounds[name]) for name in decoders}
 
 
 # -----------------------------------------------------------------------------
@@ -151,19 +165,20 @@ def cache_key(model, batch_size, device):
 
 
 def read_cache():
-    """The cached picks, {key: dtype name}; {} when the file is missing, unreadable or corrupt."""
+    """The cached times, {key: {name: [build, step]}}; {} when the file is missing, unreadable
+    or corrupt."""
     try:
         with open(cache_path(), encoding="utf-8") as f:
-            picks = json.load(f)
+            entries = json.load(f)
     except (OSError, ValueError):
         return {}
-    return picks if isinstance(picks, dict) else {}
+    return entries if isinstance(entries, dict) else {}
 
 
-def write_cache(key, name):
-    """Add a pick to the cache; a cache that cannot be written is left alone, silently."""
+def write_cache(key, costs):
+    """Add an entry to the cache; a cache that cannot be written is left alone, silently."""
     path = cache_path()
-    picks = {**read_cache(), key: name}
+    entries = {**read_cache(), key: costs}
     try:
         os.makedirs(os.path.dirname(path), exist_ok=True)
         fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
@@ -171,7 +186,7 @@ def write_cache(key, name):
         return
     try:
         with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(picks, f, indent=1)
+            json.dump(entries, f, indent=1)
         os.replace(tmp, path)
     except OSError:
         if os.path.exists(tmp):

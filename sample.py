@@ -11,10 +11,10 @@ torch.load(weights_only=True): the checkpoint alone rebuilds the model and its v
 One sample streams to stdout character by character; several are generated in one batch.
 
 --decode_dtype=auto (the default) runs the one-character decode steps in whichever of
-float32, float16, bfloat16 and int8 is fastest for this model and --num_samples on this
-machine: the first time, a few steps of each are timed (a fraction of a second) and the
-pick is cached in ~/.cache/chargpt/decode_dtype.json (see decode_dtype.py; delete the file
-to measure again).
+float32, float16, bfloat16 and int8 generates --max_new_tokens characters fastest for this
+model and --num_samples on this machine: the first time, a few steps of each are timed (a
+fraction of a second) and the times are cached in ~/.cache/chargpt/decode_dtype.json (see
+decode_dtype.py; delete the file to measure again).
 
 --attention FILE.png draws, before sampling, the attention weights of every layer and head
 for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is
@@ -48,7 +48,7 @@ class SampleConfig:
     seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
     kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
-    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (the fastest for this model and num_samples here: a few steps of each timed once, then cached in ~/.cache/chargpt), float32, float16, bfloat16 or int8")
+    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (the fastest for this model, num_samples and max_new_tokens here: a few steps of each timed once, then cached in ~/.cache/chargpt), float32, float16, bfloat16 or int8")
     attention: str = knob("", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)")
 
     def validate(self):
@@ -155,7 +155,7 @@ def main(argv=None):
         top_p=config.top_p,
         generator=generator,
         kv_cache=config.kv_cache,
-        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples),
+        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples, config.max_new_tokens),
     )
     if config.num_samples == 1:
         sys.stdout.write(prompt)
