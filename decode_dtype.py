@@ -3,12 +3,13 @@
 A decode step reads every weight of the model once to do little arithmetic with it, so the
 narrower the weights the fewer bytes it reads; but whether that wins depends on the machine
 (its caches, whether it has AVX-512 FP16 or BF16, how good PyTorch's int8 kernels are on it),
-on the model's size and on the batch. On the AMD EPYC where this project started float16 was
-the fastest for the lecture's model; on an Intel Xeon it was the slowest. So 'auto' times a
-few decode steps of each candidate, on this machine, for this model and batch size, and
-takes the one that generates the requested number of characters fastest: its decode steps,
-plus building its decoder, once per generation (int8's quantized copy of the lecture's
-model takes about 0.15 s here, as long as some 80 steps):
+on the model's size and on the batch. On the AMD EPYC where this project started float16
+was the fastest for one sample of the lecture's model; on an Intel Xeon with AVX512-FP16 it
+was slower than float32 and int8 (README, Results). So 'auto' times a few decode steps of
+each candidate, on this machine, for this model and batch size, and takes the one that
+generates the requested number of characters fastest: its decode steps, plus building its
+decoder once per generation (int8's quantized copy of the lecture's model took 0.15 s on
+that Xeon, as long as about 100 of its steps):
 
     CPU    float32, float16, bfloat16, int8 (int8 where PyTorch has its quantized kernels)
     CUDA   float32, float16, bfloat16 (where the GPU has it)
@@ -18,16 +19,16 @@ The timing is fair to every candidate: each decoder is built (timed) and warmed 
 step first, then ROUNDS rounds time STEPS decode steps of each candidate in turn
 (interleaved, so that a change in the machine's load hits all of them alike), from the same
 cache position, with time.perf_counter; a candidate's step time is its best round (other
-programs only ever make a round slower). A fraction of a second in all, for the lecture's
-model: about as long as generating 60 characters.
+programs only ever make a round slower). A fraction of a second in all: 0.3-0.4 s for one
+sample of the lecture's model on that Xeon, 0.1 s for the 30-minute model.
 
 The times are cached in ~/.cache/chargpt/decode_dtype.json ($XDG_CACHE_HOME/chargpt if set),
 one entry per machine (CPU model and a hash of its flags, or the GPU's name; the PyTorch
 version; the number of threads), model shape and batch size, and the pick for any number of
-characters follows from them without timing again. A timing whose rounds disagree
-by more than NOISY times (other programs kept the machine busy) is used but not kept: the
-next run times again. The file is written to a temporary name and renamed; one that cannot
-be read or written is ignored: sampling never fails because of it.
+characters follows from them without timing again. A timing whose rounds disagree by more
+than NOISY times (other programs kept the machine busy) is used but not kept: the next run
+times again. The file is written to a temporary name and renamed; one that cannot be read
+or written is ignored: sampling never fails because of it.
 """
 
 import hashlib
