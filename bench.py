@@ -193,8 +193,8 @@ def bench_sample(args, overrides):
     for batch, what in ((1, "one sample"), (10, "10 samples")):
         best = max(dtypes, key=lambda dtype: max(rates[dtype, batch]))
         rate, best_rate = max(rates[auto[batch], batch]), max(rates[best, batch])
-        print(f"{what}: auto's pick {auto[batch]} runs at {rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row "
-              f"({best}, {best_rate:,.0f})")
+        print(f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
+              f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})")
     if args.repeats > 1:
         print(f"(a row's passes differ by up to {spread:.0%}: that much is noise)")
     lengths = sorted({max(1, n // 10), max(1, n // 3), n})
