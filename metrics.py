@@ -132,14 +132,15 @@ class Reporter:
         if elapsed_before is None:
             elapsed_before = self.records[-1].get("elapsed", 0.0) if self.records else 0.0
         self.elapsed_before = elapsed_before
-        self.t_start = time.time() if t_start is None else t_start
+        self.t_start = time.time() if t_start is None else t_start  # elapsed counts from here
+        self.t_loop = time.time()  # the pace of the steps (ETA, tokens/s) counts from here, after the start-up
         self.live_showing, self.plot_note_given = False, False
-        self.t_mark, self.iter_mark = self.t_start, start_iter  # where the live line's tokens/s counts from
+        self.t_mark, self.iter_mark = self.t_loop, start_iter  # where the live line's tokens/s counts from
 
     # -- time
 
     def elapsed(self):
-        """Seconds of training, counting earlier runs of a resumed one."""
+        """Seconds since the run started (train(), loading included), counting the earlier parts of a resumed one."""
         return self.elapsed_before + time.time() - self.t_start
 
     def eta(self, iter_num):
@@ -150,7 +151,7 @@ class Reporter:
         done = iter_num - self.start_iter
         if done <= 0:
             return None
-        return (time.time() - self.t_start) / done * (self.max_iters - iter_num)
+        return (time.time() - self.t_loop) / done * (self.max_iters - iter_num)
 
     def _times(self, iter_num):
         eta = self.eta(iter_num)
