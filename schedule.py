@@ -143,6 +143,3 @@ class RunProgress:
         eval_now = SAFETY * self.slowdown() * self.eval_seconds if eval_due and self.eval_seconds else 0.0
         need = (self.step_seconds or 0.0) + eval_now
         return elapsed + need + self.final_seconds() > self.budget
-
-    def left(self, elapsed):
-        return max(0.0, self.budget - elapsed)
