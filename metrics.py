@@ -90,7 +90,7 @@ def plot_losses(records, path, title=""):
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or evals:
-        ax.legend()
+        ax.legend(loc="upper right")  # "best" searches the curves and warns that it is slow
     # a temporary file and a rename, so a viewer never sees half a PNG
     fd, tmp = tempfile.mkstemp(prefix=".tmp-loss", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
     try:

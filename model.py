@@ -10,11 +10,17 @@ The lecture's classes, in the order it builds them:
     GPT                   token + position embeddings, n_layer Blocks, final LayerNorm, lm_head
     BigramLanguageModel   the lecture's baseline: the next character from the current one
 
+The lecture reaches this Block in steps, and GPTConfig can take each one back: no
+FeedForward or a narrow one (ffwd_mult), no projections back into the stream (proj), no
+residual connections (residual), no LayerNorm (layer_norm). The defaults are the finished
+model; config/lecture/ holds one config per step, and ladder.py trains them all.
+
 Weights: every Linear and Embedding starts at N(0, 0.02); the two projections that write
 into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream does not
 grow with depth; lm_head starts at zero so that the loss at init is exactly ln(vocab_size)
-(the lecture's model starts at 4.87 instead of ln(65) = 4.17). The token embedding and
-lm_head are NOT tied, as in the lecture.
+(the lecture's model starts at 4.87 instead of ln(65) = 4.17). init='pytorch' keeps
+PyTorch's own initial weights instead, as the video did (the small stages learn much
+faster that way). The token embedding and lm_head are NOT tied, as in the lecture.
 
 Generation keeps a key/value cache (KVCache): the prompt is run once (GPT.prefill), then
 each new token costs one position (Decoder: the same math written flat for speed, its
@@ -45,11 +51,27 @@ class GPTConfig:
     n_embd: int = field(default=384, metadata={"help": "width of the residual stream"})
     dropout: float = field(default=0.2, metadata={"help": "dropout on the residual branches while training"})
     attn_dropout: float = field(default=0.0, metadata={"help": "dropout on the attention weights while training (the lecture: same as dropout)"})
+    # The lecture builds the Block one idea at a time; these switches take its steps back
+    # (config/lecture/ walks them). The defaults are the finished model.
+    ffwd_mult: int = field(default=4, metadata={"help": "FeedForward's hidden width as a multiple of n_embd (0: no FeedForward)"})
+    residual: bool = field(default=True, metadata={"help": "add each branch of a Block back to x (False: its output replaces x)"})
+    proj: bool = field(default=True, metadata={"help": "a projection back to n_embd after the attention heads and at the end of FeedForward"})
+    layer_norm: bool = field(default=True, metadata={"help": "LayerNorm before each branch of a Block and before lm_head (pre-norm)"})
+    init: str = field(default="normal", metadata={"help": "'normal': N(0, 0.02) weights and a zero lm_head (see GPT._init_weights); 'pytorch': PyTorch's defaults, as in the lecture's video"})
+    # Options from recent speed records, beyond the lecture; off by default (README: which recipe uses what).
+    activation: str = field(default="relu", metadata={"help": "FeedForward's nonlinearity: 'relu' (the lecture) or 'relu2' (squared ReLU)"})
+    position: str = field(default="learned", metadata={"help": "'learned': a position embedding table (the lecture); 'rotary': queries and keys rotated by position (RoPE), no table"})
+    qk_norm: bool = field(default=False, metadata={"help": "scale each head's queries and keys to unit RMS before their dot product"})
 
     def validate(self):
         """Raise ValueError naming the flag for a config that cannot build a model."""
         if self.model_type not in ("gpt", "bigram"):
             raise ValueError(f"--model_type must be 'gpt' or 'bigram', got {self.model_type!r}")
+        for key, allowed in (("init", ("normal", "pytorch")), ("activation", ("relu", "relu2")), ("position", ("learned", "rotary"))):
+            if getattr(self, key) not in allowed:
+                raise ValueError(f"--{key} must be {' or '.join(repr(a) for a in allowed)}, got {getattr(self, key)!r}")
+        if self.position == "rotary" and (self.n_embd // self.n_head) % 2:
+            raise ValueError(f"--position=rotary needs an even head size, got n_embd / n_head = {self.n_embd // self.n_head}")
         for key in ("block_size", "vocab_size", "n_layer", "n_head", "n_embd"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
@@ -58,6 +80,11 @@ class GPTConfig:
         for key in ("dropout", "attn_dropout"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
+        if self.ffwd_mult < 0:
+            raise ValueError(f"--ffwd_mult must be 0 or more, got {self.ffwd_mult}")
+        if not self.proj and self.ffwd_mult > 1:
+            raise ValueError(f"--ffwd_mult={self.ffwd_mult} needs --proj=True: without the projection back, "
+                             "FeedForward's hidden layer is its output and must be n_embd wide (--ffwd_mult=1)")
 
 
 class Head(nn.Module):
@@ -169,34 +196,79 @@ class Decoder:
         dtype = dtype or model.lm_head.weight.dtype
         vec_dtype = torch.float32 if dtype == torch.int8 else dtype  # embeddings, LayerNorm, activations
         v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
-        lin = lambda m: decode_linear(m.weight, m.bias, dtype)
-        self.n_head, self.C = model.config.n_head, model.config.n_embd
-        self.tok_emb, self.pos_emb = v(model.token_embedding_table.weight), v(model.position_embedding_table.weight)
-        self.layers = [
-            (v(b.ln1.weight), v(b.ln1.bias), lin(b.sa.qkv), lin(b.sa.proj),
-             v(b.ln2.weight), v(b.ln2.bias), lin(b.ffwd.net[0]), lin(b.ffwd.net[2]))
-            for b in model.blocks
-        ]
-        self.ln_f = (v(model.ln_f.weight), v(model.ln_f.bias))
+        # a piece that the lecture's earlier steps leave out (see GPTConfig) is None here
+        lin = lambda m: None if m is None else decode_linear(m.weight, m.bias, dtype)
+        norm = lambda m: (v(m.weight), v(m.bias)) if isinstance(m, nn.LayerNorm) else None
+        self.n_head, self.C, self.residual = model.config.n_head, model.config.n_embd, model.config.residual
+        self.tok_emb = v(model.token_embedding_table.weight)
+        self.pos_emb = None if model.position_embedding_table is None else v(model.position_embedding_table.weight)
+        self.act = F.relu if model.config.activation == "relu" else lambda t: F.relu(t).square()
+        self.layers = []
+        for b in model.blocks:
+            fc, fc2 = (None, None) if b.ffwd is None else (b.ffwd.net[0], b.ffwd.net[2] if model.config.proj else None)
+            self.layers.append((norm(b.ln1), lin(b.sa.qkv), b.sa.compare_form, lin(b.sa.proj), norm(b.ln2), lin(fc), lin(fc2)))
+        self.ln_f = norm(model.ln_f)
         self.lm_head = lin(model.lm_head)
+
+    def _norm(self, x, ln):
+        return x if ln is None else F.layer_norm(x, (self.C,), *ln)
 
     def __call__(self, idx, cache):
         """idx (B,) at position cache.pos -> logits (B, vocab_size)."""
         B, C, nh, pos = idx.shape[0], self.C, self.n_head, cache.pos
         assert pos < cache.k[0].shape[2], "the cache holds block_size positions"
-        x = self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
-        for layer, (ln1_w, ln1_b, qkv, proj, ln2_w, ln2_b, fc, fc2) in enumerate(self.layers):
+        x = self.tok_emb[idx] if self.pos_emb is None else self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
+        for layer, (ln1, qkv, compare_form, proj, ln2, fc, fc2) in enumerate(self.layers):
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
-            q_k_v = qkv(F.layer_norm(x, (C,), ln1_w, ln1_b))  # (B, 3C)
+            q_k_v = qkv(self._norm(x, ln1))  # (B, 3C)
             q_k_v = q_k_v.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
-            k_cache[:, :, pos : pos + 1] = q_k_v[:, 1]
+            q, k = compare_form(q_k_v[:, 0], q_k_v[:, 1], start=pos)  # (B, nh, 1, hs) each
+            k_cache[:, :, pos : pos + 1] = k
             v_cache[:, :, pos : pos + 1] = q_k_v[:, 2]
             # one query sees every cached position, so no mask
-            out = F.scaled_dot_product_attention(q_k_v[:, 0], k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
-            x = x + proj(out.view(B, C).to(x.dtype))  # (B, C)
-            x = x + fc2(F.relu(fc(F.layer_norm(x, (C,), ln2_w, ln2_b))))  # (B, C)
+            out = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
+            a = out.view(B, C).to(x.dtype)  # (B, C)
+            a = a if proj is None else proj(a)  # (B, C)
+            x = x + a if self.residual else a
+            if fc is not None:
+                f = self.act(fc(self._norm(x, ln2)))  # (B, hidden)
+                f = f if fc2 is None else fc2(f)  # (B, C)
+                x = x + f if self.residual else f
         cache.pos += 1
-        return self.lm_head(F.layer_norm(x, (C,), *self.ln_f))  # (B, vocab_size)
+        return self.lm_head(self._norm(x, self.ln_f))  # (B, vocab_size)
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021), for GPTConfig.position='rotary'.
+
+    Each query and key is cut into pairs of channels (channel i with channel i + hs/2), and
+    each pair is rotated by an angle proportional to the position, faster for the first
+    pairs than for the last. A rotation by a at one position and b at another leaves their
+    dot product depending on b - a only: attention sees how far back a character is, not
+    where it is. Nothing is learned; it replaces the position embedding table."""
+
+    def __init__(self, head_size, block_size, base=10000.0):
+        super().__init__()
+        half = head_size // 2
+        speeds = base ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,): radians per position
+        angles = torch.arange(block_size, dtype=torch.float32)[:, None] * speeds  # (block_size, hs/2)
+        # not in the state dict: they follow from the config
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start=0):
+        """x (..., T, hs) at positions start..start+T-1, rotated."""
+        T, half = x.shape[-2], x.shape[-1] // 2
+        cos, sin = self.cos[start : start + T].to(x.dtype), self.sin[start : start + T].to(x.dtype)  # (T, hs/2)
+        x1, x2 = x[..., :half], x[..., half:]  # (..., T, hs/2) each
+        return torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)  # (..., T, hs)
+
+
+class SquaredReLU(nn.Module):
+    """relu(x)**2, for GPTConfig.activation='relu2' (So et al. 2021, "Primer")."""
+
+    def forward(self, x):
+        return F.relu(x).square()
 
 
 class MultiHeadAttention(nn.Module):
@@ -212,8 +284,11 @@ class MultiHeadAttention(nn.Module):
         self.head_size = config.n_embd // config.n_head
         self.block_size = config.block_size
         self.attn_dropout = config.attn_dropout
+        self.qk_norm = config.qk_norm
+        self.rotary = Rotary(self.head_size, config.block_size) if config.position == "rotary" else None
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
-        self.proj = nn.Linear(config.n_embd, config.n_embd)
+        # the lecture first just concatenates the heads; the projection comes with the residual connections
+        self.proj = nn.Linear(config.n_embd, config.n_embd) if config.proj else None
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
@@ -222,6 +297,7 @@ class MultiHeadAttention(nn.Module):
         q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
         v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = self.compare_form(q, k)
         if cache is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
@@ -232,13 +308,38 @@ class MultiHeadAttention(nn.Module):
             cache.v[layer][:, :, :T] = v
             out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
         out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
-        return self.dropout(self.proj(out))
+        if self.proj is not None:
+            out = self.proj(out)  # (B, T, C)
+        return self.dropout(out)
+
+    def compare_form(self, q, k, start=0):
+        """Queries and keys (B, nh, T, hs) at positions start.. as attention compares them:
+        unchanged in the lecture's model; with qk_norm at unit RMS, with rotary positions rotated."""
+        if self.qk_norm:  # bounded logits: no head can saturate its softmax by growing q or k
+            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+        if self.rotary is not None:
+            q, k = self.rotary(q, start), self.rotary(k, start)
+        return q, k
+
+    def attention(self, x):
+        """The attention weights (B, nh, T, T) of every head, written out as in the lecture:
+        q·kᵀ scaled by head_size**-0.5, the tril mask, softmax. Row t says how much position t
+        takes from each of positions 0..t; forward computes the same in a fused kernel."""
+        B, T, C = x.shape
+        q, k, _ = self.qkv(x).split(C, dim=2)  # (B, T, C) each
+        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
+        q, k = self.compare_form(q, k)
+        wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B, nh, T, T)
+        tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
+        return F.softmax(wei.masked_fill(~tril, float("-inf")), dim=-1)  # (B, nh, T, T)
 
     def heads(self):
         """The lecture's Head modules holding this layer's weights, one per head.
 
         torch.cat([h(x) for h in heads], -1) followed by self.proj is this module's forward
-        in eval mode; the test suite checks it."""
+        in eval mode for the lecture's attention (without qk_norm or rotary positions, which
+        Head does not have); the test suite checks it."""
         C, hs = self.n_head * self.head_size, self.head_size
         heads = []
         for h in range(self.n_head):
@@ -257,12 +358,14 @@ class FeedForward(nn.Module):
 
     def __init__(self, config):
         super().__init__()
-        self.net = nn.Sequential(
-            nn.Linear(config.n_embd, 4 * config.n_embd),
-            nn.ReLU(),
-            nn.Linear(4 * config.n_embd, config.n_embd),
-            Dropout(config.dropout),
-        )
+        hidden = config.ffwd_mult * config.n_embd
+        layers = [nn.Linear(config.n_embd, hidden), nn.ReLU() if config.activation == "relu" else SquaredReLU()]
+        # the lecture's first FeedForward stops at the ReLU; the projection back (and 4x the
+        # width inside) comes with the residual connections
+        if config.proj:
+            layers.append(nn.Linear(hidden, config.n_embd))
+        layers.append(Dropout(config.dropout))
+        self.net = nn.Sequential(*layers)
 
     def forward(self, x):
         return self.net(x)
@@ -273,15 +376,29 @@ class Block(nn.Module):
 
     def __init__(self, config):
         super().__init__()
+        self.residual = config.residual
         self.sa = MultiHeadAttention(config)
-        self.ffwd = FeedForward(config)
-        self.ln1 = nn.LayerNorm(config.n_embd)
-        self.ln2 = nn.LayerNorm(config.n_embd)
+        self.ffwd = FeedForward(config) if config.ffwd_mult > 0 else None
+        # pre-norm, the lecture's last step: each branch reads a normalised copy of x
+        self.ln1 = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
+        self.ln2 = nn.LayerNorm(config.n_embd) if config.layer_norm and self.ffwd else nn.Identity()
 
     def forward(self, x, cache=None, layer=0):
-        x = x + self.sa(self.ln1(x), cache, layer)  # (B, T, C)
-        x = x + self.ffwd(self.ln2(x))  # (B, T, C)
+        a = self.sa(self.ln1(x), cache, layer)  # (B, T, C): communication
+        # residual connections: a branch adds to x instead of replacing it, so the gradient
+        # reaches the first layers unchanged through the sums
+        x = x + a if self.residual else a
+        if self.ffwd is not None:
+            f = self.ffwd(self.ln2(x))  # (B, T, C): computation
+            x = x + f if self.residual else f
         return x
+
+    def projections(self):
+        """The Linear layers that write back into the stream: attention's and FeedForward's
+        projections (none with proj=False)."""
+        if self.sa.proj is None:
+            return []
+        return [self.sa.proj] + ([self.ffwd.net[2]] if self.ffwd is not None else [])
 
 
 class LanguageModel(nn.Module):
@@ -361,42 +478,51 @@ class GPT(LanguageModel):
         config.validate()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.n_embd)
-        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd)
+        # with rotary positions the attention itself knows how far apart characters are
+        self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd)
+        self.ln_f = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
         self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
         self._init_weights()
 
     def _init_weights(self):
         # the one place where initial weights are chosen (see the module docstring)
+        if self.config.init == "pytorch":
+            return  # each module keeps the initial weights PyTorch gave it, as in the lecture's video
         for module in self.modules():
             if isinstance(module, (nn.Linear, nn.Embedding)):
                 nn.init.normal_(module.weight, mean=0.0, std=0.02)
             if isinstance(module, nn.Linear) and module.bias is not None:
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
-            for residual_proj in (block.sa.proj, block.ffwd.net[2]):
+            for residual_proj in block.projections():
                 nn.init.normal_(residual_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
         nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, idx, targets=None):
         B, T = idx.shape
         self._check_length(T)
-        tok_emb = self.token_embedding_table(idx)  # (B, T, C)
-        pos_emb = self.position_embedding_table(torch.arange(T, device=idx.device))  # (T, C)
-        x = tok_emb + pos_emb  # (B, T, C)
+        x = self._embed(idx)  # (B, T, C)
         for block in self.blocks:
             x = block(x)  # (B, T, C)
         logits = self.lm_head(self.ln_f(x))  # (B, T, vocab_size)
         loss = None if targets is None else self._loss(logits, targets)
         return logits, loss
 
+    def _embed(self, idx):
+        """(B, T) token ids -> (B, T, C): token embeddings, plus position embeddings unless
+        the positions are rotary."""
+        x = self.token_embedding_table(idx)  # (B, T, C)
+        if self.position_embedding_table is not None:
+            x = x + self.position_embedding_table.weight[: idx.shape[1]]  # (T, C), the same for every row
+        return x
+
     def prefill(self, idx, cache):
         """Run the prompt idx (B, T) through the model into an empty cache; return the logits
         of its last position, (B, vocab_size). Decoder then adds one position at a time."""
         B, T = idx.shape
         self._check_length(T)
-        x = self.token_embedding_table(idx) + self.position_embedding_table.weight[:T]  # (B, T, C)
+        x = self._embed(idx)  # (B, T, C)
         for layer, block in enumerate(self.blocks):
             x = block(x, cache, layer)  # (B, T, C)
         cache.pos = T
@@ -413,11 +539,10 @@ class GPT(LanguageModel):
         self._check_length(T)
         was_training = self.training
         self.eval()
-        x = self.token_embedding_table(idx) + self.position_embedding_table(torch.arange(T, device=idx.device))  # (1, T, C)
+        x = self._embed(idx)  # (1, T, C)
         maps = []
         for block in self.blocks:
-            h = block.ln1(x)  # (1, T, C): what the attention of this block reads
-            maps.append(torch.cat([head.attention(h) for head in block.sa.heads()]))  # (nh, T, T)
+            maps.append(block.sa.attention(block.ln1(x))[0])  # (nh, T, T): from what this block's attention reads
             x = block(x)  # (1, T, C)
         self.train(was_training)
         return torch.stack(maps)  # (n_layer, nh, T, T)
@@ -429,7 +554,8 @@ class GPT(LanguageModel):
         """Training FLOPs per token (forward + backward): 6 per weight that multiplies, plus
         attention's scores and weighted sum over the block (PaLM appendix B)."""
         c = self.config
-        matmul_params = self.num_params() - self.token_embedding_table.weight.numel() - self.position_embedding_table.weight.numel()
+        table = self.position_embedding_table
+        matmul_params = self.num_params() - self.token_embedding_table.weight.numel() - (0 if table is None else table.weight.numel())
         return 6 * matmul_params + 6 * c.n_layer * c.n_embd * c.block_size
 
 
@@ -441,7 +567,8 @@ class BigramLanguageModel(LanguageModel):
         config.validate()
         self.config = config
         self.token_embedding_table = nn.Embedding(config.vocab_size, config.vocab_size)
-        nn.init.zeros_(self.token_embedding_table.weight)  # uniform at init: loss = ln(vocab_size)
+        if config.init == "normal":
+            nn.init.zeros_(self.token_embedding_table.weight)  # uniform at init: loss = ln(vocab_size)
 
     def forward(self, idx, targets=None):
         self._check_length(idx.shape[1])

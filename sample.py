@@ -87,6 +87,25 @@ def read_prompt(start):
     return start
 
 
+def generate_tokens(model, prompt_ids, config):
+    """The new tokens for config (a SampleConfig), one (num_samples,) tensor at a time: the
+    seeded draw that sample.py prints and serve.py streams, so the same settings give the
+    same text in both."""
+    device = next(model.parameters()).device
+    idx = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)  # (N, T)
+    generator = torch.Generator().manual_seed(config.seed)
+    return model.generate(
+        idx,
+        config.max_new_tokens,
+        temperature=config.temperature,
+        top_k=config.top_k,
+        top_p=config.top_p,
+        generator=generator,
+        kv_cache=config.kv_cache,
+        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples, config.max_new_tokens),
+    )
+
+
 def draw_attention(maps, chars, path):
     """Save maps (n_layer, n_head, T, T) as a grid of heatmaps whose ticks are the characters."""
     from matplotlib.figure import Figure  # the object API: no GUI backend needed
@@ -145,18 +164,7 @@ def main(argv=None):
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
 
-    idx = torch.tensor([prompt_ids] * config.num_samples, dtype=torch.long, device=device)  # (N, T)
-    generator = torch.Generator().manual_seed(config.seed)
-    tokens = model.generate(
-        idx,
-        config.max_new_tokens,
-        temperature=config.temperature,
-        top_k=config.top_k,
-        top_p=config.top_p,
-        generator=generator,
-        kv_cache=config.kv_cache,
-        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples, config.max_new_tokens),
-    )
+    tokens = generate_tokens(model, prompt_ids, config)
     if config.num_samples == 1:
         sys.stdout.write(prompt)
         for token in tokens:  # stream: each character as soon as it exists

@@ -8,7 +8,7 @@ What gets it to the lecture's quality in 30 minutes:
 - dropout 0.1 on the residual branches (not on the attention weights, so attention keeps
   SDPA's fused kernel): the model sees the training text about 18 times, and without
   dropout val stopped improving near 1.51 (AdamW) and 1.506 (Muon) while train kept falling.
-The lecture's exact recipe, for a GPU, is config/shakespeare_char_lecture.py.
+The lecture's exact recipe, for a GPU, is config/lecture/8_dropout_scaled.py.
 
     python train.py config/shakespeare_char.py
 """

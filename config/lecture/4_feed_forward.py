@@ -1,0 +1,34 @@
+"""Stage 4, feed-forward: after the attention, a Linear and a ReLU on each position alone,
+so a character can think about what it gathered. The lecture: val loss 2.24.
+
+    python train.py config/lecture/4_feed_forward.py
+"""
+out_dir = "out-lecture/4_feed_forward"
+dataset = "shakespeare_char"
+dtype = "float32"
+init = "pytorch"  # PyTorch's default initial weights, as in the lecture's video
+
+# the lecture's training loop: AdamW with PyTorch's defaults, a constant learning rate, no clipping
+batch_size = 32
+block_size = 8
+max_iters = 5000
+learning_rate = 1e-3
+min_lr = 1e-3
+warmup_iters = 0
+weight_decay = 0.01
+beta2 = 0.999
+grad_clip = 0.0
+dropout = 0.0
+
+eval_interval = 500
+eval_iters = 200
+log_interval = 100
+
+# attention, then FeedForward = Linear(32, 32) + ReLU
+n_layer = 1
+n_head = 4
+n_embd = 32
+ffwd_mult = 1
+residual = False
+proj = False
+layer_norm = False

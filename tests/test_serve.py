@@ -1,0 +1,395 @@
+"""serve.py: the playground's API on a tiny trained checkpoint, served in-process on a free
+port, and the page itself driven by a real headless Chromium."""
+
+import http.client
+import json
+import os
+import shutil
+import socket
+import threading
+import time
+
+import pytest
+import torch
+
+import sample
+import serve
+import train
+from conftest import tiny_configs
+from metrics import read_records
+from sample import SampleConfig, generate_tokens
+
+LIMIT = 100_000  # max_new_tokens_limit of the test server: room for a generation that only a disconnect ends
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory, text):
+    from prepare import prepare
+
+    root = tmp_path_factory.mktemp("serve")
+    prepare(text, str(root / "data" / "tiny"))
+    train.train(*tiny_configs(str(root / "data"), root / "out", max_iters=60, sample_chars=0, eval_sample_chars=30),
+                log=lambda m: None)
+    shutil.rmtree(root / "data")  # serving must not need the dataset
+    return root / "out"
+
+
+def start_server(out_dir, **overrides):
+    config = serve.ServeConfig(out_dir=str(out_dir), device="cpu", max_new_tokens_limit=LIMIT, max_chars=500, **overrides)
+    server = serve.Server(serve.Playground(config, log=lambda m: None))
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    return server
+
+
+@pytest.fixture(scope="module")
+def server(trained):
+    server = start_server(trained)
+    yield server
+    server.shutdown()
+    server.server_close()
+
+
+def call(server, method, path, body=None, raw=None, headers=None):
+    """(status, headers, parsed JSON or bytes) of one request."""
+    connection = http.client.HTTPConnection("127.0.0.1", server.server_address[1], timeout=60)
+    data = raw if raw is not None else (None if body is None else json.dumps(body).encode())
+    connection.request(method, path, body=data, headers={"Content-Type": "application/json", **(headers or {})})
+    response = connection.getresponse()
+    payload = response.read()
+    connection.close()
+    if response.getheader("Content-Type", "").startswith("application/json"):
+        payload = json.loads(payload)
+    return response.status, response, payload
+
+
+def events(server, **body):
+    """The Server-Sent Events of one /api/generate, as (event, data) pairs."""
+    status, response, payload = call(server, "POST", "/api/generate", body)
+    assert status == 200 and response.getheader("Content-Type").startswith("text/event-stream"), payload
+    parsed = []
+    for block in payload.decode().split("\n\n")[:-1]:
+        lines = dict(line.split(": ", 1) for line in block.split("\n"))
+        parsed.append((lines.get("event", "message"), json.loads(lines["data"])))
+    return parsed
+
+
+def streamed_text(server, **body):
+    stream = events(server, **body)
+    chars = [data["char"] for event, data in stream[:-1]]
+    assert all(event == "message" and len(c) == 1 for (event, _), c in zip(stream, chars))
+    event, done = stream[-1]
+    assert event == "done" and done["text"] == "".join(chars) and done["chars"] == len(chars)
+    return "".join(chars)
+
+
+def test_page_and_info(server):
+    status, response, page = call(server, "GET", "/")
+    assert status == 200 and response.getheader("Content-Type") == "text/html; charset=utf-8"
+    assert b"<canvas" in page and b"http" not in page.split(b"<script>")[1]  # nothing loaded from elsewhere
+    status, _, info = call(server, "GET", "/api/info")
+    assert status == 200 and info["model_type"] == "gpt" and info["n_layer"] == 2 and info["n_head"] == 2
+    assert info["iter_num"] == 60 and info["params"] == server.playground.model.num_params() > 0
+    assert info["block_size"] == 16 and info["vocab"] == server.playground.tokenizer.chars
+    assert info["limits"] == {"max_new_tokens": LIMIT, "max_chars": 500}
+
+
+def test_streamed_text_is_sample_pys(server, trained, capsys):
+    """The same settings and seed give sample.py's text, past block_size (16) too, where the
+    KV cache is rebuilt."""
+    settings = {"max_new_tokens": 40, "temperature": 0.9, "top_k": 10, "top_p": 0.95, "seed": 7}
+    text = streamed_text(server, prompt="ROMEO:", **settings)
+    flags = [f"--{key}={value}" for key, value in settings.items()]
+    assert sample.main([f"--out_dir={trained}", "--start=ROMEO:", "--device=cpu", *flags]) == 0
+    assert capsys.readouterr().out == "ROMEO:" + text + "\n"
+    # and with sample.py's defaults for every field left out
+    default = streamed_text(server, prompt="KING:", max_new_tokens=20)
+    assert sample.main([f"--out_dir={trained}", "--start=KING:", "--device=cpu", "--max_new_tokens=20"]) == 0
+    assert capsys.readouterr().out == "KING:" + default + "\n"
+    assert streamed_text(server, prompt="KING:", max_new_tokens=0) == ""
+
+
+def test_attention_rows_sum_to_one_and_match_attention_maps(server):
+    playground, text = server.playground, "ROMEO:\nthe king"
+    status, _, answer = call(server, "POST", "/api/attention", {"text": text})
+    assert status == 200 and answer["chars"] == list(text) and answer["offset"] == 0
+    weights = torch.tensor(answer["weights"], dtype=torch.float64)  # (n_layer, nh, T, T)
+    assert weights.shape == (2, 2, len(text), len(text)) and (answer["n_layer"], answer["n_head"]) == (2, 2)
+    torch.testing.assert_close(weights.sum(-1), torch.ones(2, 2, len(text), dtype=torch.float64), atol=1e-4, rtol=0)
+    idx = torch.tensor([playground.tokenizer.encode(text)])
+    torch.testing.assert_close(weights, playground.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+    # the top-5 next characters at each position are the model's own most likely ones
+    probs = torch.softmax(playground.model(idx)[0][0], dim=-1)  # (T, V)
+    for t, guesses in enumerate(answer["top5"]):
+        assert len(guesses) == 5 and [g["prob"] for g in guesses] == sorted((g["prob"] for g in guesses), reverse=True)
+        best = probs[t].argmax().item()
+        assert guesses[0]["char"] == playground.tokenizer.chars[best]
+        assert guesses[0]["prob"] == pytest.approx(probs[t, best].item(), abs=1e-4)
+
+
+def test_attention_of_a_long_text_shows_its_last_block(server):
+    text = "KING:\nthe king and queen of rome"
+    status, _, answer = call(server, "POST", "/api/attention", {"text": text})
+    assert status == 200 and answer["chars"] == list(text[-16:]) and answer["offset"] == len(text) - 16
+    assert len(answer["weights"][0][0]) == 16
+
+
+@pytest.mark.parametrize(
+    "method, path, body, status, field, message",
+    [
+        ("POST", "/api/generate", b"{not json", 400, "body", "not valid JSON"),
+        ("POST", "/api/generate", b'["ROMEO"]', 400, "body", "expected a JSON object"),
+        ("POST", "/api/generate", b'{"prompt": "KING", "temperature": NaN}', 400, "temperature", "finite"),
+        ("POST", "/api/generate", b'{"prompt": "KING", "temperature": 1' + b"0" * 400 + b"}", 400, "temperature", "finite"),
+        ("POST", "/api/generate", b'{"seed": 1' + b"0" * 5000 + b"}", 400, "body", "not valid JSON"),
+        ("POST", "/api/generate", b"[" * 100_000, 400, "body", "not valid JSON"),
+        ("POST", "/api/generate", b'{"prompt": "\xff"}', 400, "body", "not valid JSON"),
+        ("POST", "/api/generate", {"prompt": "ROMEO ✓ §"}, 400, "prompt", "not in the vocabulary: '§' '✓'"),
+        ("POST", "/api/generate", {"prompt": ""}, 400, "prompt", "empty"),
+        ("POST", "/api/generate", {"prompt": "k" * 501}, 413, "prompt", "501 characters, more than this server's limit of 500"),
+        ("POST", "/api/generate", {"prompt": 7}, 400, "prompt", "expected a string, got 7"),
+        ("POST", "/api/generate", {"prompt": "KING", "temperature": -1}, 400, "temperature", "must be 0 or more"),
+        ("POST", "/api/generate", {"prompt": "KING", "temperature": "hot"}, 400, "temperature", "expected a number"),
+        ("POST", "/api/generate", {"prompt": "KING", "top_p": 0}, 400, "top_p", "must be in (0, 1]"),
+        ("POST", "/api/generate", {"prompt": "KING", "top_p": 1.5}, 400, "top_p", "must be in (0, 1]"),
+        ("POST", "/api/generate", {"prompt": "KING", "top_k": -1}, 400, "top_k", "must be 0 or more"),
+        ("POST", "/api/generate", {"prompt": "KING", "top_k": 2.5}, 400, "top_k", "expected an integer"),
+        ("POST", "/api/generate", {"prompt": "KING", "max_new_tokens": -1}, 400, "max_new_tokens", f"must be in 0..{LIMIT}"),
+        ("POST", "/api/generate", {"prompt": "KING", "max_new_tokens": LIMIT + 1}, 400, "max_new_tokens", "--max_new_tokens_limit"),
+        ("POST", "/api/generate", {"prompt": "KING", "seed": -1}, 400, "seed", "must be in 0..2**64-1"),
+        ("POST", "/api/generate", {"prompt": "KING", "seed": True}, 400, "seed", "expected an integer, got true"),
+        ("POST", "/api/generate", {"prompt": "KING", "colour": "red"}, 400, "colour", "unknown field"),
+        ("POST", "/api/attention", {"text": "KING §"}, 400, "text", "not in the vocabulary: '§'"),
+        ("POST", "/api/attention", {}, 400, "text", "missing"),
+        ("POST", "/api/attention", {"text": None}, 400, "text", "got null"),
+        ("POST", "/api/attention", {"text": "k" * 501}, 413, "text", "--max_chars"),
+        ("GET", "/api/nothing", None, 404, "path", "/api/nothing"),
+        ("GET", "/api/generate", None, 405, "method", "GET is not allowed on /api/generate"),
+    ],
+)
+def test_bad_input_is_a_4xx_naming_the_field(server, method, path, body, status, field, message):
+    raw = body if isinstance(body, bytes) else None
+    got, response, answer = call(server, method, path, body=None if raw else body, raw=raw)
+    assert (got, answer["field"]) == (status, field) and answer["error"].startswith(f"{field}: "), answer
+    assert message in answer["error"] and "\n" not in answer["error"], answer
+    assert call(server, "GET", "/api/info")[0] == 200  # still serving
+
+
+def test_requests_the_server_refuses_before_reading(server):
+    status, _, answer = call(server, "POST", "/api/attention", raw=b'{"text": "KING"}', headers={"Content-Type": "text/plain"})
+    assert status == 415 and answer["field"] == "Content-Type"
+    # a body over the limit is refused from its Content-Length, unread
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
+        client.sendall(b"POST /api/attention HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       b"Content-Length: 2000000\r\n\r\n{\"text\": \"kkkk")
+        reply = client.makefile("rb").read().decode()
+    assert reply.startswith("HTTP/1.0 413") and '"field": "body"' in reply and "2,000,000 bytes, more than the limit" in reply
+    # a page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) is not this machine's page
+    status, _, answer = call(server, "GET", "/api/info", headers={"Host": "evil.example:80"})
+    assert status == 403 and answer["field"] == "Host"
+    assert call(server, "GET", "/api/info", headers={"Host": "localhost:1"})[0] == 200
+
+
+def test_a_client_leaving_mid_stream_stops_its_generation(server):
+    playground = server.playground
+    before = len(playground.finished)
+    body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+    with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
+        client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        received = b""
+        while received.count(b"data: ") < 5:  # a few characters arrive, then the client goes
+            received += client.recv(4096)
+    deadline = time.time() + 60
+    while len(playground.finished) == before and time.time() < deadline:
+        time.sleep(0.05)
+    generated, asked, left = playground.finished[-1]
+    assert (asked, left) == (LIMIT, True) and 5 <= generated < LIMIT
+    assert playground.running == 0
+    assert call(server, "GET", "/api/info")[0] == 200
+
+
+def test_concurrent_clients_each_get_their_own_stream(server):
+    playground = server.playground
+    requests = [{"prompt": prompt, "max_new_tokens": 60, "seed": seed, "temperature": 1.0}
+                for prompt, seed in [("ROMEO:", 1), ("JULIET:", 2), ("KING:", 3), ("QUEEN:", 4), ("ROMEO:", 5), ("KING:", 1)]]
+    expected = []
+    for r in requests:
+        config = SampleConfig(start=r["prompt"], max_new_tokens=60, seed=r["seed"], temperature=1.0)
+        tokens = generate_tokens(playground.model, playground.tokenizer.encode(r["prompt"]), config)
+        expected.append(playground.tokenizer.decode([t.item() for t in tokens]))
+    got = [None] * len(requests)
+
+    def client(i):
+        got[i] = streamed_text(server, **requests[i])
+
+    threads = [threading.Thread(target=client, args=(i,)) for i in range(len(requests))]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join(timeout=120)
+    assert got == expected and len(set(got)) == len(got)
+
+
+def test_metrics_are_the_runs_and_follow_the_file(server, trained):
+    status, response, answer = call(server, "GET", "/api/metrics")
+    records = read_records(str(trained / "metrics.jsonl"))
+    assert status == 200 and answer["exists"] and answer["records"] == records
+    assert {r["type"] for r in records} == {"train", "eval"} and any(r.get("sample") for r in records)
+    etag = response.getheader("ETag")
+    assert call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
+    with open(trained / "metrics.jsonl", "a", encoding="utf-8") as f:  # a run goes on writing
+        f.write(json.dumps({"type": "train", "iter": 70, "loss": float("nan"), "time": 0.0}) + "\n")
+    status, _, answer = call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})
+    assert status == 200 and answer["records"][-1] == {"type": "train", "iter": 70, "loss": None, "time": 0.0}
+
+
+def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text):
+    from prepare import prepare
+
+    prepare(text, str(tmp_path / "data" / "tiny"))
+    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1,
+                              eval_iters=1, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    server = start_server(tmp_path / "out")
+    try:
+        info = call(server, "GET", "/api/info")[2]
+        assert info["model_type"] == "bigram" and not info["has_attention"] and info["n_layer"] == 0
+        status, _, answer = call(server, "POST", "/api/attention", {"text": "KING"})
+        assert status == 200 and answer["weights"] == [] and len(answer["top5"]) == 4
+        assert len(streamed_text(server, prompt="KING", max_new_tokens=10)) == 10
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, text, capsys):
+    """Rotary positions, qk_norm and relu2 change the attention math: the playground still
+    shows GPT.attention_maps and streams sample.py's text."""
+    from prepare import prepare
+
+    prepare(text, str(tmp_path / "data" / "tiny"))
+    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", position="rotary", qk_norm=True, activation="relu2",
+                              max_iters=5, eval_interval=5, eval_iters=1, sample_chars=0, eval_sample_chars=0),
+                log=lambda m: None)
+    server = start_server(tmp_path / "out")
+    try:
+        playground, prompt = server.playground, "QUEEN:\nmy lord"
+        answer = call(server, "POST", "/api/attention", {"text": prompt})[2]
+        idx = torch.tensor([playground.tokenizer.encode(prompt)])
+        torch.testing.assert_close(torch.tensor(answer["weights"], dtype=torch.float64),
+                                   playground.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+        streamed = streamed_text(server, prompt="QUEEN:", max_new_tokens=30, seed=2)
+        assert sample.main([f"--out_dir={tmp_path / 'out'}", "--start=QUEEN:", "--device=cpu", "--max_new_tokens=30",
+                            "--seed=2"]) == 0
+        assert capsys.readouterr().out == "QUEEN:" + streamed + "\n"
+    finally:
+        server.shutdown()
+        server.server_close()
+
+
+def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
+    def run(*flags):
+        code = serve.main(list(flags))
+        err = capsys.readouterr().err.strip()
+        assert code == 1 and len(err.splitlines()) == 1 and err.startswith("serve.py: error: "), err
+        return err
+
+    assert str(tmp_path / "nowhere") in run(f"--out_dir={tmp_path / 'nowhere'}")
+    assert "--port must be in 0..65535" in run(f"--out_dir={trained}", "--port=70000")
+    assert "--decode_dtype must be" in run(f"--out_dir={trained}", "--decode_dtype=int4")
+    assert "unknown config key 'colour'" in run("--colour=red")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        assert f"cannot listen on --host=127.0.0.1 --port={port}" in run(f"--out_dir={trained}", f"--port={port}")
+
+
+def test_help_lists_every_option(capsys):
+    import dataclasses
+
+    assert serve.main(["--help"]) == 0
+    out = capsys.readouterr().out
+    for f in dataclasses.fields(serve.ServeConfig):
+        assert f"--{f.name}=" in out and f.metadata["help"] in out
+
+
+# -----------------------------------------------------------------------------
+# the page in a real browser
+
+
+def browser():
+    """A headless Chromium driven by Selenium, or a skip that says what is missing."""
+    try:
+        from selenium import webdriver
+        from selenium.webdriver.chrome.service import Service
+    except ImportError:
+        pytest.skip("the browser test needs selenium (pip install selenium)")
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    driver = shutil.which("chromedriver")
+    if not chromium or not driver:
+        pytest.skip("the browser test needs Chromium and its driver (apt-get install chromium chromium-driver)")
+    options = webdriver.ChromeOptions()
+    options.binary_location = chromium
+    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
+                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
+                 "--window-size=1400,1000"):
+        options.add_argument(flag)
+    return webdriver.Chrome(options=options, service=Service(driver))  # a fresh profile of its own
+
+
+def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait.until(lambda d: d.find_element(By.ID, "facts").text)
+        assert "2 layers × 2 heads" in driver.find_element(By.ID, "facts").text
+
+        def fill(element_id, value):
+            element = driver.find_element(By.ID, element_id)
+            element.clear()
+            element.send_keys(value)
+
+        fill("prompt", "KING:")
+        fill("max_new_tokens", "30")
+        fill("seed", "11")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") in ("done", "error"))
+        assert driver.find_element(By.ID, "status").get_attribute("data-state") == "done"
+        spans = driver.find_elements(By.CSS_SELECTOR, "#text span.c")
+        shown = "".join("\n" if "nl" in s.get_attribute("class") else s.text or " " for s in spans)
+        assert shown == "KING:" + streamed_text(server, prompt="KING:", max_new_tokens=30, seed=11)
+
+        # a generated character, clicked: the characters it reads light up, with their weights
+        spans[20].click()
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#text span[data-weight]"))
+        lit = driver.find_elements(By.CSS_SELECTOR, "#text span[data-weight]")
+        assert "sel" in spans[20].get_attribute("class")
+        window_start = 20 + 1 - 16  # block_size 16: the window that ends at the character
+        assert [int(s.get_attribute("data-i")) for s in lit] == list(range(window_start, 21))
+        assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
+        assert any(s.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent") for s in lit)
+        assert driver.find_element(By.ID, "heatmap").get_attribute("data-row") == "15"
+        assert len(driver.find_elements(By.CSS_SELECTOR, "#top5 li")) == 5
+        # the average over heads is another row of weights that also sums to 1
+        first = [s.get_attribute("data-weight") for s in lit]
+        driver.find_element(By.CSS_SELECTOR, "#head option[value=avg]").click()
+        lit = driver.find_elements(By.CSS_SELECTOR, "#text span[data-weight]")
+        assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
+        assert [s.get_attribute("data-weight") for s in lit] != first
+
+        # Stop ends a long generation, and the server sees the client go
+        finished = len(server.playground.finished)
+        fill("max_new_tokens", str(LIMIT))
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "#text span.g")) >= 3)
+        driver.find_element(By.ID, "stop").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "stopped")
+        wait.until(lambda d: len(server.playground.finished) > finished)
+        generated, asked, left = server.playground.finished[-1]
+        assert left and generated < asked == LIMIT
+    finally:
+        driver.quit()
