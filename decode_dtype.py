@@ -29,19 +29,16 @@ characters follows from them without timing again. The cache also keeps the text
 the same from one run to the next on a machine (another decode dtype rounds the logits
 differently, and the draws can part), so a timing on a busy machine is kept too: delete the
 file to measure again. The file is written to a temporary name and renamed; one that cannot
-be read or written is ignored: sampling never fails because of it.
+be read or written is ignored: sampling never fails because of it (timing_cache.py).
 """
 
-import hashlib
 import json
-import os
-import platform
-import tempfile
 import time
 
 import torch
 
 from model import GPT, Decoder, KVCache
+from timing_cache import machine, read_cache, write_cache
 
 DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
 STEPS = 4  # decode steps per round and candidate
@@ -65,6 +62,15 @@ def candidates(device):
     return ["float32"]
 
 
+CACHE = "decode_dtype"
+
+
+def cache_key(model, batch_size, device):
+    # the model's shape: every config field but dropout, which decoding does not use
+    shape = {k: v for k, v in sorted(vars(model.config).items()) if "dropout" not in k}
+    return f"{machine()} | {device.type} | {json.dumps(shape)} | batch {batch_size}"
+
+
 def pick_decode_dtype(model, batch_size=1, new_tokens=500, use_cache=True):
     """(name, costs, where): the dtype that generates new_tokens characters per sequence the
     fastest, building its decoder included. costs is {name: (seconds to build the decoder,
@@ -75,12 +81,12 @@ def pick_decode_dtype(model, batch_size=1, new_tokens=500, use_cache=True):
     if not isinstance(model, GPT) or len(names) == 1 or new_tokens == 0:
         return "float32", {}, "none"
     key = cache_key(model, batch_size, device)
-    costs, where = (read_cache().get(key) if use_cache else None), "cache"
+    costs, where = (read_cache(CACHE).get(key) if use_cache else None), "cache"
     if not valid_costs(costs, names):
         timings, where = time_decoders(model, names, batch_size), "timed"
         costs = {name: (build, min(steps)) for name, (build, steps) in timings.items()}
         if use_cache:
-            write_cache(key, costs)
+            write_cache(CACHE, key, costs)
     best = min(costs, key=lambda name: costs[name][0] + new_tokens * costs[name][1])
     return best, costs, where
 
@@ -130,65 +136,3 @@ def time_decoders(model, names, batch_size):
             run(decoder, steps)
             rounds[name].append((time.perf_counter() - t0) / steps)
     return {name: (build[name], rounds[name]) for name in decoders}
-
-
-# -----------------------------------------------------------------------------
-# the cache
-
-
-def cache_path():
-    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
-    return os.path.join(root, "chargpt", "decode_dtype.json")
-
-
-def machine():
-    """What the timings depend on besides the model: the processor, PyTorch and its threads."""
-    if torch.cuda.is_available():
-        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
-    info = {}
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux; elsewhere platform's name
-            for line in f:
-                key, _, value = line.partition(":")
-                info.setdefault(key.strip(), value.strip())
-    except OSError:
-        pass
-    name = info.get("model name") or platform.processor() or platform.machine()
-    # a virtual machine may call every CPU "Intel(R) Xeon(R) Processor": its flags tell them apart
-    flags = hashlib.sha1(info.get("flags", "").encode()).hexdigest()[:8]
-    return f"{name} (flags {flags}), torch {torch.__version__}, {torch.get_num_threads()} threads"
-
-
-def cache_key(model, batch_size, device):
-    # the model's shape: every config field but dropout, which decoding does not use
-    shape = {k: v for k, v in sorted(vars(model.config).items()) if "dropout" not in k}
-    return f"{machine()} | {device.type} | {json.dumps(shape)} | batch {batch_size}"
-
-
-def read_cache():
-    """The cached times, {key: {name: [build, step]}}; {} when the file is missing, unreadable
-    or corrupt."""
-    try:
-        with open(cache_path(), encoding="utf-8") as f:
-            entries = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return entries if isinstance(entries, dict) else {}
-
-
-def write_cache(key, costs):
-    """Add an entry to the cache; a cache that cannot be written is left alone, silently."""
-    path = cache_path()
-    entries = {**read_cache(), key: costs}
-    try:
-        os.makedirs(os.path.dirname(path), exist_ok=True)
-        fd, tmp = tempfile.mkstemp(prefix=".tmp-", dir=os.path.dirname(path))
-    except OSError:
-        return
-    try:
-        with os.fdopen(fd, "w", encoding="utf-8") as f:
-            json.dump(entries, f, indent=1)
-        os.replace(tmp, path)
-    except OSError:
-        if os.path.exists(tmp):
-            os.remove(tmp)

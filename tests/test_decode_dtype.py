@@ -9,7 +9,8 @@ import pytest
 import torch
 
 import decode_dtype
-from decode_dtype import DECODE_DTYPES, cache_path, pick_decode_dtype, resolve_decode_dtype
+from decode_dtype import CACHE, DECODE_DTYPES, pick_decode_dtype, resolve_decode_dtype
+from timing_cache import cache_path
 from model import GPT, BigramLanguageModel, GPTConfig
 
 
@@ -96,7 +97,7 @@ def test_a_cache_hit_skips_the_timing(model, monkeypatch, cache_dir):
 
 @pytest.mark.parametrize("content", [b"{not json", b"[1, 2]", b'{"key": 3', b"\xff\xfe", "entries"])
 def test_a_corrupt_cache_is_ignored_and_replaced(model, monkeypatch, content):
-    path = cache_path()
+    path = cache_path(CACHE)
     os.makedirs(os.path.dirname(path))
     if content == "entries":  # a readable file whose entry for this model is nonsense
         key = decode_dtype.cache_key(model, 1, torch.device("cpu"))
