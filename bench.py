@@ -3,7 +3,8 @@
     python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
-    python bench.py sample                               # KV-cache vs uncached generation
+    python bench.py sample                               # KV-cache vs uncached generation, each decode
+                                                         # dtype, and what --decode_dtype=auto picks
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
     python bench.py memory --out_dir=out-cpu             # memory.py's estimate against the measured peak (Linux)
 
@@ -26,8 +27,8 @@ import sample
 import train
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
+from decode_dtype import DECODE_DTYPES, pick_decode_dtype
 from model import GPT, Dropout, GPTConfig, build_model
-from sample import resolve_decode_dtype
 
 
 def load_configs(config_path, overrides):
@@ -158,6 +159,8 @@ def bench_loss(args, overrides):
 
 
 def bench_sample(args, overrides):
+    if args.repeats < 1:
+        raise ValueError(f"--repeats must be at least 1, got {args.repeats}")
     if args.out_dir:
         model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(args.out_dir)))
         where = find_checkpoint(args.out_dir)
@@ -165,30 +168,49 @@ def bench_sample(args, overrides):
         torch.manual_seed(0)
         model = GPT(GPTConfig(vocab_size=65)).eval()  # the lecture's model; random weights cost the same
         where = "the lecture's model (6 x 384, block 256), random weights"
-    auto, auto10 = resolve_decode_dtype(args.decode_dtype, model), resolve_decode_dtype(args.decode_dtype, model, 10)
-    name = lambda dtype: str(dtype).replace("torch.", "")
-    print(f"{where}; {torch.get_num_threads()} threads; decode dtype {name(auto)} for one sample, {name(auto10)} for 10")
+    # what sample.py's --decode_dtype=auto picks, timed afresh here rather than read from its cache
+    t0 = time.perf_counter()
+    if args.decode_dtype == "auto":
+        auto = {batch: pick_decode_dtype(model, batch, args.new_tokens, use_cache=False)[0] for batch in (1, 10)}
+    else:
+        auto = {1: args.decode_dtype, 10: args.decode_dtype}
+    picked_in = time.perf_counter() - t0
+    print(f"{where}; {torch.get_num_threads()} threads; decode dtype {auto[1]} for one sample, {auto[10]} for 10"
+          + (f" (auto: {picked_in:.2f}s of timing for both)" if args.decode_dtype == "auto" else ""))
 
-    def seconds(n, kv_cache, batch=1, dtype=auto):
+    def seconds(n, kv_cache, batch=1, dtype=auto[1]):
         idx = torch.zeros(batch, 1, dtype=torch.long)
         generator = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=dtype):
+        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=DECODE_DTYPES[dtype]):
             pass
         return time.perf_counter() - t0
 
     seconds(20, True)  # warm up
     n = args.new_tokens
     uncached = n / seconds(n, False)
-    print(f"batch 1, {n} new characters from one:")
-    print("| path | chars/s | vs uncached |\n|---|---|---|")
-    print(f"| uncached (the lecture's loop, float32) | {uncached:,.0f} | 1.0x |")
-    for dtype in (torch.float32, torch.float16, torch.bfloat16, torch.int8):
-        rate = n / seconds(n, True, dtype=dtype)
-        print(f"| KV cache, {name(dtype)} decode steps | {rate:,.0f} | {rate / uncached:.1f}x |")
-    print(f"--num_samples 10: {10 * n / seconds(n, True, batch=10, dtype=auto10):,.0f} chars/s with the cache ({name(auto10)})")
+    dtypes = ("float32", "float16", "bfloat16", "int8")
+    rates = {(dtype, batch): [] for dtype in dtypes for batch in (1, 10)}
+    for _ in range(args.repeats):  # interleaved passes: a change in the machine's load hits every row alike
+        for dtype in dtypes:
+            for batch in (1, 10):
+                rates[dtype, batch].append(batch * n / seconds(n, True, batch, dtype))
+    spread = max((max(r) - min(r)) / max(r) for r in rates.values())
+    print(f"{n} new characters from one, best of {args.repeats} passes; chars/s (for 10 samples: all of them)")
+    print("| path | batch 1 | vs uncached | --num_samples 10 |\n|---|---|---|---|")
+    print(f"| uncached (the lecture's loop, float32) | {uncached:,.0f} | 1.0x | - |")
+    for dtype in dtypes:
+        one, ten = max(rates[dtype, 1]), max(rates[dtype, 10])
+        print(f"| KV cache, {dtype} decode steps | {one:,.0f} | {one / uncached:.1f}x | {ten:,.0f} |")
+    for batch, what in ((1, "one sample"), (10, "10 samples")):
+        best = max(dtypes, key=lambda dtype: max(rates[dtype, batch]))
+        rate, best_rate = max(rates[auto[batch], batch]), max(rates[best, batch])
+        print(f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
+              f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})")
+    if args.repeats > 1:
+        print(f"(a row's passes differ by up to {spread:.0%}: that much is noise)")
     lengths = sorted({max(1, n // 10), max(1, n // 3), n})
-    print(f"| new characters | KV cache ({name(auto)}) s | uncached s |\n|---|---|---|")
+    print(f"| new characters | KV cache ({auto[1]}) s | uncached s |\n|---|---|---|")
     for m in lengths:
         print(f"| {m} | {seconds(m, True):.2f} | {seconds(m, False):.2f} |")
 
@@ -260,8 +282,7 @@ def sample_estimate(out_dir, flags):
     """memory.py's estimate in bytes for sample.py with flags on the checkpoint in out_dir."""
     (config,), _ = parse(flags, [sample.SampleConfig()], "sample.py", config_file=False)
     model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(out_dir)))
-    decode_dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
-    return sum(sample.memory_parts(config, model, len(sample.read_prompt(config.start)), decode_dtype).values())
+    return sum(sample.memory_parts(config, model, len(sample.read_prompt(config.start))).values())
 
 
 def bench_memory(args, overrides):
@@ -320,8 +341,9 @@ def main():
     p = sub.add_parser("sample", help="generation speed")
     p.add_argument("--out_dir", default=None)
     p.add_argument("--new_tokens", type=int, default=1000)
+    p.add_argument("--repeats", type=int, default=2, help="passes over the rows, interleaved; each row keeps its best")
     p.add_argument("--decode_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
-                   help="sample.py's --decode_dtype: the dtype of the KV cache rows and lengths table")
+                   help="sample.py's --decode_dtype: the pick compared with the rows, and the dtype of the lengths table")
     args, overrides = parser.parse_known_args()
     try:
         {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample,

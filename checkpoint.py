@@ -9,6 +9,9 @@ A checkpoint is a dict of tensors and plain data, loadable with torch.load(weigh
     train_config    TrainConfig as a dict
     vocab           the characters, in token-id order, as one string
     rng             generator states (torch, batch sampler), for exact resume
+    elapsed         seconds the run had spent when it was written (a time budget goes on from it)
+    timings         the measured seconds of a step, an eval and a generated character, with
+                    which a resumed run with a time budget plans its end before its first eval
     version         format version
 
 out_dir/ckpt.pt is the latest state (written at every eval); out_dir/best.pt the one with

@@ -35,8 +35,8 @@ import torch.nn.functional as F
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import HelpRequested, knob, parse
+from decode_dtype import DECODE_DTYPES
 from model import GPT, Decoder, KVCache
-from sample import DECODE_DTYPES
 from train import load_dataset, resolve_device
 
 

@@ -7,14 +7,23 @@ line below every log_interval steps, so logs stay readable and greppable:
 
     iter 100: loss 2.4811, lr 1.00e-03, 48.2 ms/iter, 15,933 tokens/s, 0.031 TFLOP/s, elapsed 5s, ETA 1m31s
 
+A run with a time budget shows the time left in the budget instead of an ETA to max_iters:
+
+    iter 100: loss 2.4811, lr 1.00e-03, 48.2 ms/iter, 15,933 tokens/s, 0.031 TFLOP/s, elapsed 5s, 14m55s left
+
 metrics.jsonl holds one JSON object per line:
     {"type": "train", "iter", "loss", "lr", "ms_per_iter", "tokens_per_s", "tflops_per_s", "elapsed", "eta", "time"}
         every log_interval steps; loss is that step's batch loss, elapsed and eta are seconds
     {"type": "eval", "iter", "train_loss", "val_loss", "best_val_loss", "elapsed", "time", "sample"}
         at every eval; the losses are estimate_loss's, sample the text printed with it (or null)
-A new run (init_from=scratch) starts the file afresh. A resumed run keeps the entries up to
-the step it resumes from, drops any later ones (written after that checkpoint, by a run
-that then died) and appends, so the file reads as one run; elapsed goes on from its last value.
+    {"type": "done", "iter", "best_val_loss", "time_budget", "elapsed", "time"}
+        last, when the run has finished: iter is the steps it took in all (with a time
+        budget, the steps the budget bought), time_budget its minutes (null for a step run)
+elapsed counts from the start of train() and goes on across resumes (the checkpoint keeps
+it); with a time budget eta is the time left in it. A new run (init_from=scratch) starts
+the file afresh. A resumed run keeps the entries up to the step it resumes from, drops any
+later ones (written after that checkpoint, by a run that then died) and the "done" entry
+of a run it extends, and appends, so the file reads as one run.
 
 loss.png plots train and val loss against the step, with the best val loss marked; it is
 redrawn at every eval. matplotlib is optional: without it the plot is skipped with a
@@ -102,37 +111,52 @@ class Reporter:
     plain lines. Messages must go through self.log so that they never land on top of the
     live line."""
 
-    def __init__(self, out_dir, log, live, start_iter, max_iters, tokens_per_iter, resume, write_files=True):
+    def __init__(self, out_dir, log, live, start_iter, max_iters, tokens_per_iter, resume, write_files=True,
+                 time_budget=0.0, t_start=None, elapsed_before=None):
+        """time_budget: seconds, for a run that stops when they are spent (0: a step run, which
+        stops at max_iters); t_start: when the run's clock started (default: now);
+        elapsed_before: seconds spent by the earlier parts of a resumed run (default: the last
+        elapsed kept in metrics.jsonl)."""
         self._log, self.live = log, live
         self.start_iter, self.max_iters, self.tokens_per_iter = start_iter, max_iters, tokens_per_iter
+        self.time_budget = time_budget
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.plot_path = os.path.join(out_dir, "loss.png")
         self.title = os.path.basename(os.path.abspath(out_dir))
         self.write_files = write_files  # False in all but one of several processes
-        self.records = read_records(self.metrics_path, up_to_iter=start_iter) if resume else []
+        kept = read_records(self.metrics_path, up_to_iter=start_iter) if resume else []
+        self.records = [r for r in kept if r.get("type") != "done"]  # a resumed run ends anew
         if write_files:
             with open(self.metrics_path, "w", encoding="utf-8") as f:  # afresh, or cut at the resume point
                 f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
-        self.elapsed_before = self.records[-1].get("elapsed", 0.0) if self.records else 0.0
-        self.t_start = time.time()
+        if elapsed_before is None:
+            elapsed_before = self.records[-1].get("elapsed", 0.0) if self.records else 0.0
+        self.elapsed_before = elapsed_before
+        self.t_start = time.time() if t_start is None else t_start  # elapsed counts from here
+        self.t_loop = time.time()  # the pace of the steps (ETA, tokens/s) counts from here, after the start-up
         self.live_showing, self.plot_note_given = False, False
-        self.t_mark, self.iter_mark = self.t_start, start_iter  # where the live line's tokens/s counts from
+        self.t_mark, self.iter_mark = self.t_loop, start_iter  # where the live line's tokens/s counts from
 
     # -- time
 
     def elapsed(self):
-        """Seconds of training, counting earlier runs of a resumed one."""
+        """Seconds since the run started (train(), loading included), counting the earlier parts of a resumed one."""
         return self.elapsed_before + time.time() - self.t_start
 
     def eta(self, iter_num):
-        """Seconds to max_iters at this run's pace so far (eval time included), or None before a step."""
+        """Seconds to max_iters at this run's pace so far (eval time included), or None before a
+        step; with a time budget, the seconds left in it."""
+        if self.time_budget:
+            return max(0.0, self.time_budget - self.elapsed())
         done = iter_num - self.start_iter
         if done <= 0:
             return None
-        return (time.time() - self.t_start) / done * (self.max_iters - iter_num)
+        return (time.time() - self.t_loop) / done * (self.max_iters - iter_num)
 
     def _times(self, iter_num):
         eta = self.eta(iter_num)
+        if self.time_budget:
+            return f"elapsed {format_duration(self.elapsed())}, {format_duration(eta)} left"
         return f"elapsed {format_duration(self.elapsed())}, ETA {'?' if eta is None else format_duration(eta)}"
 
     # -- output
@@ -146,10 +170,10 @@ class Reporter:
     def _write(self, record):
         record = {**record, "elapsed": round(self.elapsed(), 3), "time": round(time.time(), 3)}
         self.records.append(record)
-        if not self.write_files:
-            return
-        with open(self.metrics_path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        if self.write_files:
+            with open(self.metrics_path, "a", encoding="utf-8") as f:
+                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+        return record
 
     def live_due(self):
         """True when the terminal line is worth redrawing now (never without a terminal)."""
@@ -160,7 +184,7 @@ class Reporter:
         tokens_per_s = self.tokens_per_iter * (iter_num - self.iter_mark) / max(now - self.t_mark, 1e-9)
         self.t_mark, self.iter_mark = now, iter_num
         line = (
-            f"iter {iter_num}/{self.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"iter {iter_num}{'' if self.time_budget else f'/{self.max_iters}'} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{tokens_per_s:,.0f} tokens/s | {self._times(iter_num).replace(', ', ' | ')}"
         )
         self.live.write("\r" + line + "\x1b[K")  # \x1b[K clears what a longer line left behind
@@ -195,6 +219,15 @@ class Reporter:
             self.plot_note_given = True
         # the time of the eval is not step time: the live tokens/s counts from here
         self.t_mark, self.iter_mark = time.time(), iter_num
+
+    def done(self, iter_num, best_val_loss):
+        """The run's last line and metrics entry: the steps it took (or its time budget
+        bought) and the time, from the start of the first part of a resumed run."""
+        minutes = self.time_budget / 60 if self.time_budget else None
+        record = self._write({"type": "done", "iter": iter_num, "best_val_loss": best_val_loss, "time_budget": minutes})
+        elapsed, spent = record["elapsed"], f"budget of {minutes:g} min spent: " if minutes else ""
+        over = f" ({elapsed - self.time_budget:.1f}s over it)" if minutes and elapsed > self.time_budget else ""
+        self.log(f"done: {spent}{iter_num:,} steps in {elapsed:.1f}s{over}, best val loss {best_val_loss:.4f}")
 
     def __enter__(self):
         return self

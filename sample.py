@@ -12,6 +12,12 @@ One sample streams to stdout character by character; several are generated in on
 A generation too big for the memory there is (--num_samples x --max_new_tokens: the KV
 cache, the ids, the text) is refused before it starts, with both figures (memory.py).
 
+--decode_dtype=auto (the default) runs the one-character decode steps in whichever of
+float32, float16, bfloat16 and int8 generates --max_new_tokens characters fastest for this
+model and --num_samples on this machine: the first time, a few steps of each are timed (a
+fraction of a second) and the times are cached in ~/.cache/chargpt/decode_dtype.json (see
+decode_dtype.py; delete the file to measure again).
+
 --attention FILE.png draws, before sampling, the attention weights of every layer and head
 for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is
 how much the character at t takes from each earlier one, so everything above the diagonal
@@ -28,33 +34,9 @@ import torch
 
 from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import HelpRequested, knob, parse
+from decode_dtype import DECODE_DTYPES, resolve_decode_dtype
 from memory import check_fits, sampling_bytes
 from train import resolve_device
-
-
-DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
-
-
-# float32 weights above this many bytes no longer stay in a CPU's caches between decode steps
-CACHE_BYTES = 16 * 2**20
-
-
-def resolve_decode_dtype(name, model, batch_size=1):
-    """The dtype of Decoder's weights for this model. A decode step reads every weight once
-    to do little arithmetic with it, so once the weights no longer fit in the CPU's caches
-    its time is mostly the bytes read from memory. 'auto' on the CPU: float32 for a model
-    under 16 MB of weights, else float16 for one sample (PyTorch's float16 matrix-vector
-    kernel is the fastest then, even without native 16-bit arithmetic) and int8 for a
-    batch (its kernels also do small matrix products well; float16's do not); bfloat16 on
-    CUDA; float32 elsewhere. Measured in the README."""
-    if name != "auto":
-        return DECODE_DTYPES[name]
-    device_type = next(model.parameters()).device.type
-    if device_type == "cpu":
-        if sum(p.numel() for p in model.parameters()) * 4 <= CACHE_BYTES:
-            return torch.float32
-        return torch.float16 if batch_size == 1 else torch.int8
-    return torch.bfloat16 if device_type == "cuda" else torch.float32
 
 
 @dataclass
@@ -69,7 +51,7 @@ class SampleConfig:
     seed: int = knob(1337, "seed of the draw: the same seed gives the same text")
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, mps")
     kv_cache: bool = knob(True, "reuse the keys and values of earlier positions (False: rerun the whole context per character)")
-    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (CPU: float32 for a model under 16 MB, else float16 for one sample and int8 for several; CUDA: bfloat16), float32, float16, bfloat16 or int8")
+    decode_dtype: str = knob("auto", "weights of the one-character decode steps with the cache: 'auto' (the fastest for this model, num_samples and max_new_tokens here: a few steps of each timed once, then cached in ~/.cache/chargpt), float32, float16, bfloat16 or int8")
     attention: str = knob("", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)")
 
     def validate(self):
@@ -95,17 +77,24 @@ class SampleConfig:
                 raise ValueError("--attention needs matplotlib, which is not installed (pip install matplotlib)") from None
 
 
-def memory_parts(config, model, prompt_len, decode_dtype):
+# bytes per weight of the decode steps' copy of the weights; float32 decodes with the model's
+# own, and auto (which times the candidates only once the check has passed) is counted as the
+# biggest copy it may pick
+DECODE_COPY_BYTES = {"float32": 0, "float16": 2, "bfloat16": 2, "int8": 1, "auto": 2}
+
+
+def memory_parts(config, model, prompt_len):
     """{part: bytes} that generating with these settings adds to the loaded model (memory.py)."""
-    decode_bytes = 0 if decode_dtype == torch.float32 else model.num_params() * (1 if decode_dtype == torch.int8 else 2)
+    decode_bytes = model.num_params() * DECODE_COPY_BYTES[config.decode_dtype]
     return sampling_bytes(model.config, config.num_samples, prompt_len, config.max_new_tokens, config.kv_cache, decode_bytes)
 
 
-def check_memory(config, model, prompt_len, decode_dtype, device):
-    """Refuse a generation whose estimate exceeds the memory there is, before it starts,
-    instead of being killed half-way by the OOM killer."""
+def check_memory(config, model, prompt_len, device):
+    """Refuse a generation whose estimate exceeds the memory there is, before it starts
+    (before decode dtype auto times anything, too), instead of being killed half-way by the
+    OOM killer."""
     what = f"generating --num_samples={config.num_samples} x --max_new_tokens={config.max_new_tokens} characters"
-    check_fits(memory_parts(config, model, prompt_len, decode_dtype), device, what,
+    check_fits(memory_parts(config, model, prompt_len), device, what,
                {"generated ids": "use a smaller --max_new_tokens, or fewer --num_samples",
                 "KV cache": "use fewer --num_samples (run sample.py several times with other --seed values)",
                 "forward pass": "use fewer --num_samples (run sample.py several times with other --seed values)"})
@@ -139,7 +128,7 @@ def generate_tokens(model, prompt_ids, config):
         top_p=config.top_p,
         generator=generator,
         kv_cache=config.kv_cache,
-        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples),
+        decode_dtype=resolve_decode_dtype(config.decode_dtype, model, config.num_samples, config.max_new_tokens),
     )
 
 
@@ -182,8 +171,7 @@ def main(argv=None):
             prompt_ids = tokenizer.encode(prompt)
         except ValueError as e:
             raise ValueError(f"--start: {e}") from None
-        decode_dtype = resolve_decode_dtype(config.decode_dtype, model, config.num_samples)
-        check_memory(config, model, len(prompt_ids), decode_dtype, device)
+        check_memory(config, model, len(prompt_ids), device)
         if config.attention:
             if not hasattr(model, "attention_maps"):
                 raise ValueError(f"--attention: {path} holds a {model.config.model_type} model, which has no attention")

@@ -6,6 +6,7 @@
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
+    python train.py config/shakespeare_char.py --time_budget=15     # as good a model as 15 minutes give here
     python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
 
@@ -18,6 +19,16 @@ in place; otherwise a plain line every log_interval steps (see metrics.py). Each
 prints a short sample (eval_sample_chars). Ctrl-C or SIGTERM saves ckpt.pt and exits;
 --init_from=resume continues exactly where the run stopped, and max_iters stays the total
 number of steps; metrics.jsonl is cut back to that step and appended to.
+
+A run is measured in steps (max_iters) or, with --time_budget=MINUTES, in wall time: then
+the budget alone decides when the run stops and drives the lr schedule (max_iters and
+lr_decay_iters are not used, and the run says so once). The time counts from the start of
+train(), loading the data and building the model included, to the end of samples.txt: the
+loop stops early enough for the final eval, checkpoint and sample, whose times it measured
+at the earlier evals. warmup_iters and eval_interval stay in steps (see schedule.py for
+why). A resumed budget run goes on with the time its checkpoint had spent; a different
+--time_budget on resume counts the whole run, as a different max_iters does. A budget run is
+not bit-for-bit reproducible: where it stops and its learning rates depend on the clock.
 
 Before it writes anything, a run claims out_dir (rundir.py): it refuses a folder another
 run is training in (an OS lock on out_dir/.lock, which kill -9 frees), and a new run
@@ -48,6 +59,7 @@ from memory import check_fits, training_bytes
 from metrics import Reporter
 from model import GPTConfig, build_model
 from muon import MuonAdamW, takes_muon
+from schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from tokenizer import CharTokenizer
 
 
@@ -60,7 +72,7 @@ class TrainConfig:
     init_from: str = knob("scratch", "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt")
     overwrite: bool = knob(False, "let a new run (init_from=scratch) start in an out_dir that holds a trained model, deleting its checkpoints; without it that run is refused")
     # evaluation and logging
-    eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps")
+    eval_interval: int = knob(250, "evaluate train and val loss, and save ckpt.pt, every this many steps (steps with a time budget too)")
     eval_iters: int = knob(200, "batches per split in each loss estimate")
     log_interval: int = knob(10, "log loss, lr, ms/iter, tokens/s, elapsed and ETA (a line, and metrics.jsonl) every this many steps")
     eval_sample_chars: int = knob(200, "characters of text generated and printed at each eval (0: none)")
@@ -68,11 +80,14 @@ class TrainConfig:
     # data and optimisation
     batch_size: int = knob(64, "sequences per micro-step")
     gradient_accumulation_steps: int = knob(1, "micro-steps whose gradients add up to one optimizer step")
-    max_iters: int = knob(5000, "total optimizer steps (a resumed run stops here too)")
+    max_iters: int = knob(5000, "total optimizer steps (a resumed run stops here too); not used with a time_budget")
+    time_budget: float = knob(0.0, "minutes of wall time for the whole run, evals and checkpoints included: it stops when they are spent, the lr schedule follows the time, and max_iters is not used (0: off)")
     learning_rate: float = knob(1e-3, "peak learning rate of AdamW")
-    min_lr: float = knob(1e-4, "learning rate at the end of the cosine decay")
-    warmup_iters: int = knob(100, "steps of linear warmup from 0 to learning_rate")
-    lr_decay_iters: int = knob(0, "step where the cosine decay reaches min_lr (0: max_iters)")
+    min_lr: float = knob(1e-4, "learning rate at the end of the decay")
+    warmup_iters: int = knob(100, "steps of linear warmup from 0 to learning_rate (steps with a time budget too)")
+    lr_schedule: str = knob("cosine", "after warmup: 'cosine' (half a cosine down to min_lr) or 'wsd' (learning_rate, then a straight line to min_lr over the last cooldown_frac of the run)")
+    cooldown_frac: float = knob(0.2, "with lr_schedule='wsd': the fraction of the run (after warmup) that decays to min_lr")
+    lr_decay_iters: int = knob(0, "step where the decay reaches min_lr (0: max_iters); not used with a time_budget")
     weight_decay: float = knob(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
@@ -94,12 +109,16 @@ class TrainConfig:
         for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
-        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr"):
+        for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "time_budget"):
             value = getattr(self, key)
             if not math.isfinite(value) or value < 0:
                 raise ValueError(f"--{key} must be a finite number >= 0, got {value}")
         if self.learning_rate == 0:
             raise ValueError("--learning_rate must be greater than 0")
+        if self.lr_schedule not in ("cosine", "wsd"):
+            raise ValueError(f"--lr_schedule must be 'cosine' or 'wsd', got {self.lr_schedule!r}")
+        if not 0.0 <= self.cooldown_frac <= 1.0:
+            raise ValueError(f"--cooldown_frac must be in [0, 1], got {self.cooldown_frac}")
         for key in ("beta1", "beta2"):
             if not 0.0 <= getattr(self, key) < 1.0:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
@@ -196,6 +215,13 @@ class Distributed:
                 raise ValueError(first)
         if error is not None:
             raise error
+    def from_master(self, values, device):
+        """values (a list of floats) as rank 0 has them, in every process."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
 
 
 def init_distributed(device):
@@ -253,17 +279,6 @@ class BatchSampler:
 
 # -----------------------------------------------------------------------------
 # optimisation
-
-
-def get_lr(it, config):
-    """Linear warmup to learning_rate, then cosine decay to min_lr at lr_decay_iters."""
-    decay_iters = config.lr_decay_iters or config.max_iters
-    if it < config.warmup_iters:
-        return config.learning_rate * (it + 1) / (config.warmup_iters + 1)
-    if it >= decay_iters:
-        return config.min_lr
-    progress = (it - config.warmup_iters) / max(1, decay_iters - config.warmup_iters)
-    return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
 def make_optimizer(model, config, device_type, fused=True):
@@ -409,6 +424,17 @@ def check_memory(config, model_config, device, dtype, ddp):
     except ValueError as e:
         error = e
     ddp.agree(error)
+def budget_change_note(checkpoint, path, config):
+    """A note when a resumed run's time_budget differs from its checkpoint's, else None. The
+    new setting wins, as a new max_iters does: it counts the whole run, the time spent
+    before included, and the lr schedule follows it from here (so the learning rate jumps)."""
+    saved = checkpoint.get("train_config", {}).get("time_budget", 0.0)
+    if saved == config.time_budget:
+        return None
+    was = f"a time budget of {saved:g} min" if saved else "max_iters (no time budget)"
+    now = f"--time_budget={config.time_budget:g}" if config.time_budget else f"max_iters={config.max_iters}"
+    return (f"note: {path} was trained with {was}; the run goes on with {now} for the whole run, "
+            "and the learning rate jumps to that schedule")
 
 
 def write_run_config(out_dir, resolved):
@@ -463,6 +489,7 @@ def train(config, model_config, log=print, live=None):
 
     log prints a line; live is a terminal stream to redraw a progress line on, or None for
     plain log lines every log_interval steps."""
+    t_start = time.time()  # a time budget counts from here: loading the data and building the model are part of the run
     config.validate()
     ddp, device = init_distributed(resolve_device(config.device))
     lock = None
@@ -470,7 +497,7 @@ def train(config, model_config, log=print, live=None):
         lock = claim_out_dir(config, ddp)  # before anything else touches out_dir
         if not ddp.master:
             log, live = (lambda msg: None), None
-        summary = _train(config, model_config, log, live, ddp, device)
+        summary = _train(config, model_config, log, live, ddp, device, t_start)
         if ddp.world_size > 1:
             # Leave together. The last collective (the final checkpoint's all_gather) holds
             # Python tensors that a gloo worker thread releases a moment after wait() returns;
@@ -485,7 +512,7 @@ def train(config, model_config, log=print, live=None):
             dist.destroy_process_group()
 
 
-def _train(config, model_config, log, live, ddp, device):
+def _train(config, model_config, log, live, ddp, device, t_start):
     device_type = device.split(":")[0]
     dtype = resolve_dtype(config.dtype, device_type)
     if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
@@ -524,6 +551,7 @@ def _train(config, model_config, log, live, ddp, device):
         "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
     }
     iter_num, best_val_loss = 0, float("inf")
+    progress, elapsed_before = RunProgress(config), None
     if checkpoint is not None:
         model.load_state_dict(checkpoint["model"])
         optimizer.load_state_dict(checkpoint["optimizer"])
@@ -536,6 +564,12 @@ def _train(config, model_config, log, live, ddp, device):
             torch.manual_seed(config.seed + ddp.rank + 1000 * iter_num)
             log(f"note: {ckpt_path} was written by {len(states)} process(es), this run has {ddp.world_size}: new random streams")
         log(f"resuming from {ckpt_path} at step {iter_num} (best val loss {best_val_loss:.4f})")
+        # the time the run has spent so far, and what its steps and evals took (a budget goes on from there)
+        elapsed_before = checkpoint.get("elapsed")
+        progress.load_state_dict(checkpoint.get("timings", {}))
+        note = budget_change_note(checkpoint, ckpt_path, config)
+        if note:
+            log(note)
         del checkpoint
 
     global_batch = config.batch_size * config.gradient_accumulation_steps * ddp.world_size
@@ -553,6 +587,9 @@ def _train(config, model_config, log, live, ddp, device):
         if config.overwrite:
             rundir.clear_previous_run(config.out_dir)
         write_run_config(config.out_dir, resolved)
+    if config.time_budget:
+        log(f"time budget {config.time_budget:g} min: the run stops when it is spent, evals and checkpoints included, "
+            f"and the lr schedule follows the time; max_iters={config.max_iters} is not used")
 
     def save(path, with_optimizer=True):
         """Write a checkpoint from rank 0; with several processes every one must call this,
@@ -573,6 +610,7 @@ def _train(config, model_config, log, live, ddp, device):
         }
         if with_optimizer:
             state["optimizer"] = optimizer.state_dict()
+            state["elapsed"], state["timings"] = report.elapsed(), progress.state_dict()
             state["rng"] = rng
             if ddp.world_size > 1:
                 state["rng_ranks"] = rng_ranks
@@ -591,19 +629,31 @@ def _train(config, model_config, log, live, ddp, device):
     flops_per_iter = model.flops_per_token() * tokens_per_iter
 
     model.train()
-    start_iter, t_start = iter_num, time.time()
+    start_iter = iter_num
     t_last, iters_since_log = time.time(), 0
     report = Reporter(config.out_dir, log, live, start_iter, config.max_iters, tokens_per_iter,
-                      resume=config.init_from == "resume", write_files=ddp.master)
+                      resume=config.init_from == "resume", write_files=ddp.master, time_budget=progress.budget,
+                      t_start=t_start, elapsed_before=elapsed_before)
     log = report.log  # so that no message lands on top of the live line
+
+    def where(eval_due):
+        """(progress, last step?) as RunProgress.at; with a time budget rank 0's clock decides for every process."""
+        p, last = progress.at(iter_num, report.elapsed(), eval_due)
+        if progress.budget and ddp.world_size > 1:
+            p, last = ddp.from_master([p, float(last)], device)
+        return p, bool(last)
+
     with StopRequested() as stop, report:  # report: the live line is ended however the loop ends
         while True:
-            lr = get_lr(iter_num, config)
+            resumed_here = iter_num == start_iter and iter_num > 0  # its eval was the last run's
+            eval_due = iter_num % config.eval_interval == 0 and not resumed_here
+            p, last_step = where(eval_due)
+            lr = get_lr(iter_num, config, p)
             for group in optimizer.param_groups:
                 group["lr"] = lr * group.get("lr_scale", 1.0)
 
-            last_step = iter_num == config.max_iters
-            if (iter_num % config.eval_interval == 0 or last_step) and not (iter_num == start_iter and iter_num > 0):
+            if (eval_due or last_step) and not resumed_here:
+                t_eval = time.time()
                 losses = estimate_loss(eval_model, eval_samplers, config.eval_iters, ctx, device, ddp)
                 log(f"step {iter_num}: train loss {losses['train']:.4f}, val loss {losses['val']:.4f}")
                 if not all(math.isfinite(v) for v in losses.values()):
@@ -614,10 +664,18 @@ def _train(config, model_config, log, live, ddp, device):
                 save(ckpt_path)
                 if ddp.master:
                     # a sample to watch the model improve; its own seeded generator leaves the
-                    # training RNG streams untouched, so a resumed run stays exact
-                    sample = sample_text(model, tokenizer, config.eval_sample_chars, device, config.seed) if config.eval_sample_chars else None
-                    report.eval(iter_num, losses, best_val_loss, sample)
+                    # training RNG streams untouched, so a resumed run stays exact. It is timed,
+                    # so that a time budget keeps enough for samples.txt (a short unseen sample
+                    # when evals show none)
+                    chars = config.eval_sample_chars or (SAMPLE_PROBE_CHARS if progress.needs_sample_rate() else 0)
+                    t_sample = time.time()
+                    sample = sample_text(model, tokenizer, chars, device, config.seed) if chars else None
+                    progress.measure_sample(time.time() - t_sample, chars)
+                    report.eval(iter_num, losses, best_val_loss, sample if config.eval_sample_chars else None)
+                progress.measure_eval(time.time() - t_eval)
                 t_last, iters_since_log = time.time(), 0  # eval time is not step time
+                # an eval slower than expected may leave no time for another step: then this one was the last
+                last_step = last_step or where(eval_due=False)[1]
             if last_step:
                 break
             if stop.requested(ddp, device):
@@ -625,6 +683,7 @@ def _train(config, model_config, log, live, ddp, device):
                 log(f"{stop.signal or 'stop'}: saved {ckpt_path} at step {iter_num}; continue with --init_from=resume")
                 return {"iter_num": iter_num, "best_val_loss": best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
+            t_step = time.time()
             loss = train_step(step_model, optimizer, batches, config, ctx, device, ddp)
             iter_num += 1
             iters_since_log += 1
@@ -641,15 +700,15 @@ def _train(config, model_config, log, live, ddp, device):
                 dt = (time.time() - t_last) / iters_since_log
                 report.train_step(iter_num, lossf, lr, dt, flops_per_iter)
                 t_last, iters_since_log = time.time(), 0
+            progress.measure_step(time.time() - t_step)  # the logging's device sync included
 
-    elapsed = time.time() - t_start
-    log(f"done: {iter_num} steps in {elapsed:.1f}s, best val loss {best_val_loss:.4f}")
     if config.sample_chars > 0 and ddp.master:
         text = sample_text(model, tokenizer, config.sample_chars, device, config.seed)
         with open(os.path.join(config.out_dir, "samples.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
-    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": elapsed}
+    report.done(iter_num, best_val_loss)  # the last line: the steps taken (or bought) and the time
+    return {"iter_num": iter_num, "best_val_loss": best_val_loss, "elapsed": report.elapsed()}
 
 
 def sample_text(model, tokenizer, num_chars, device, seed):

@@ -25,6 +25,15 @@ def make_text(n_lines=600, seed=0):
     return "\n".join(lines)
 
 
+@pytest.fixture(scope="session", autouse=True)
+def cache_home(tmp_path_factory):
+    """sample.py's decode-dtype cache (decode_dtype.py) goes to a temporary folder, not ~/.cache;
+    the scripts run as subprocesses inherit it."""
+    with pytest.MonkeyPatch.context() as m:
+        m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
+        yield
+
+
 @pytest.fixture(scope="session")
 def text():
     return make_text()

@@ -28,6 +28,7 @@ def test_bench_sample_and_loss(data_dir, tmp_path):
     train.train(*tiny_configs(data_dir, out_dir, max_iters=10, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
     out = bench("sample", f"--out_dir={out_dir}", "--new_tokens=40")
     assert "KV cache" in out and "uncached" in out and "--num_samples 10" in out
+    assert "one sample: auto's pick" in out and "10 samples: auto's pick" in out and "of the best row" in out
     out = bench("loss", "--target=3.5", f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny",
                 "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--max_iters=30",
                 "--eval_interval=10", "--eval_iters=2", "--device=cpu", "--eval_sample_chars=0", "--sample_chars=0",

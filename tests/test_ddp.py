@@ -94,6 +94,15 @@ def test_two_process_run_learns_resumes_and_samples(data_dir, tmp_path):
     assert result.returncode == 0 and len(result.stdout) == 42, result.stderr
 
 
+def test_two_process_budget_run_stops_together(data_dir, tmp_path):
+    """With a time budget rank 0's clock decides for both processes: they stop at the same
+    step (a process that went on alone would hang the other in its next collective)."""
+    out = tmp_path / "ddp"
+    stdout = torchrun(flags(data_dir, out, time_budget=0.15, eval_interval=50, sample_chars=20))
+    steps = int(re.search(r"done: budget of 0\.15 min spent: (\d+) steps", stdout).group(1))
+    assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == steps
+
+
 def test_a_run_refused_by_rank_0_stops_every_process(data_dir, tmp_path):
     """Only rank 0 locks out_dir and looks for a trained model in it; when it refuses, the
     other process must stop too instead of waiting for it in a collective."""

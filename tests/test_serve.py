@@ -234,7 +234,7 @@ def test_metrics_are_the_runs_and_follow_the_file(server, trained):
     status, response, answer = call(server, "GET", "/api/metrics")
     records = read_records(str(trained / "metrics.jsonl"))
     assert status == 200 and answer["exists"] and answer["records"] == records
-    assert {r["type"] for r in records} == {"train", "eval"} and any(r.get("sample") for r in records)
+    assert {r["type"] for r in records} == {"train", "eval", "done"} and any(r.get("sample") for r in records)
     etag = response.getheader("ETag")
     assert call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
     with open(trained / "metrics.jsonl", "a", encoding="utf-8") as f:  # a run goes on writing
