@@ -29,6 +29,7 @@ from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from configurator import parse
 from decode_dtype import DECODE_DTYPES, pick_decode_dtype
 from model import GPT, Dropout, GPTConfig, build_model
+from precision import autocast_context, resolve_dtype
 
 
 def load_configs(config_path, overrides):
@@ -56,8 +57,6 @@ def time_steps(config, model_config, iters, warmup, reference=False):
     SDPA off its fused kernel while training)."""
     device = train.resolve_device(config.device)
     device_type = device.split(":")[0]
-    dtype = "float32" if reference else train.resolve_dtype(config.dtype, device_type)
-    ctx = train.autocast_context(device_type, dtype)
     if reference:
         model_config = dataclasses.replace(model_config, attn_dropout=model_config.dropout)
         config = dataclasses.replace(config, optimizer="adamw")
@@ -69,6 +68,8 @@ def time_steps(config, model_config, iters, warmup, reference=False):
                 if isinstance(child, Dropout):
                     setattr(module, name, torch.nn.Dropout(child.p))
     model.train()
+    dtype = "float32" if reference else resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
+    ctx = autocast_context(device_type, dtype)
     optimizer = train.make_optimizer(model, config, device_type, fused=not reference)
     step_model = model if reference or not config.compile else torch.compile(model)
     batches = RandomBatches(65, model_config.block_size, config.batch_size)
@@ -270,7 +271,7 @@ def train_estimate(flags, data_dir="data", dataset="shakespeare_char"):
     config, model_config = load_configs(config_path, flags[1:] if config_path else flags)
     _, _, tokenizer = train.load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
     model_config.vocab_size = tokenizer.vocab_size
-    dtype = train.resolve_dtype(config.dtype, "cpu")
+    dtype = resolve_dtype(config.dtype, "cpu")  # auto: float32, the larger estimate
     return sum(memory.training_bytes(model_config, config.batch_size, config.optimizer, dtype).values())
 
 

@@ -59,6 +59,7 @@ from memory import check_fits, training_bytes
 from metrics import Reporter
 from model import GPTConfig, build_model
 from muon import MuonAdamW, takes_muon
+from precision import autocast_context, resolve_dtype
 from schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from tokenizer import CharTokenizer
 
@@ -96,7 +97,7 @@ class TrainConfig:
     muon_lr: float = knob(0.01, "peak learning rate of the Muon matrices (same warmup and decay as learning_rate)")
     # system
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
-    dtype: str = knob("auto", "'auto' (bfloat16 where the device computes it fast, else float32), float32 or bfloat16")
+    dtype: str = knob("auto", "'auto' (bfloat16 autocast where it is faster: CUDA with bf16; a CPU with bf16 units where a timing of this model says so), float32 or bfloat16")
     compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
 
@@ -152,31 +153,6 @@ def resolve_device(name):
     if device.type == "mps" and not torch.backends.mps.is_available():
         raise ValueError(f"--device={name} but MPS is not available here (try --device=cpu)")
     return name
-
-
-def cpu_has_fast_bf16():
-    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX); elsewhere
-    bf16 is emulated and far slower than float32."""
-    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
-    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
-    return bool(amx or avx512_bf16)
-
-
-def resolve_dtype(name, device_type):
-    if name != "auto":
-        return name
-    if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
-    if device_type == "cpu":
-        return "bfloat16" if cpu_has_fast_bf16() else "float32"
-    return "float32"
-
-
-def autocast_context(device_type, dtype):
-    """Mixed precision: matmuls in bf16, weights, softmax and loss in float32."""
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 # -----------------------------------------------------------------------------
@@ -514,10 +490,8 @@ def train(config, model_config, log=print, live=None):
 
 def _train(config, model_config, log, live, ddp, device, t_start):
     device_type = device.split(":")[0]
-    dtype = resolve_dtype(config.dtype, device_type)
-    if dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+    if config.dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--dtype=bfloat16 but this GPU has no bfloat16 (use --dtype=float32)")
-    ctx = autocast_context(device_type, dtype)
 
     train_data, val_data, tokenizer = load_dataset(config)
     model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
@@ -536,10 +510,16 @@ def _train(config, model_config, log, live, ddp, device, t_start):
     for split, data in (("train", train_data), ("val", val_data)):
         if len(data) <= model_config.block_size:
             raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
-    check_memory(config, model_config, device, dtype, ddp)
+    # before auto has picked the dtype, the memory is checked for float32, the larger estimate
+    check_memory(config, model_config, device, "float32" if config.dtype == "auto" else config.dtype, ddp)
 
     torch.manual_seed(config.seed)  # the same initial weights in every process
     model = build_model(model_config).to(device)
+    # auto: bfloat16 autocast where it is faster for this model here (timed on a CPU, precision.py)
+    dtype = resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size), log)
+    if ddp.world_size > 1:  # every process must compute alike: rank 0's timing decides
+        dtype = ("float32", "bfloat16")[int(ddp.from_master([float(dtype == "bfloat16")], device)[0])]
+    ctx = autocast_context(device_type, dtype)
     optimizer = make_optimizer(model, config, device_type)
     # each process draws its own batches and dropout masks; rank 0 is a single-process run
     torch.manual_seed(config.seed + ddp.rank)

@@ -1,0 +1,80 @@
+"""train.py --dtype=auto: bfloat16 autocast only where a timing of the model says it is faster."""
+
+import os
+
+import pytest
+import torch
+
+import precision
+import train
+from conftest import tiny_configs
+from model import GPT, GPTConfig
+from timing_cache import cache_path
+
+
+@pytest.fixture(autouse=True)
+def own_cache(tmp_path, monkeypatch):
+    """A cache of this test's own: what one test timed must not answer the next."""
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "cache"))
+
+
+def tiny_model():
+    torch.manual_seed(0)
+    return GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=16, dropout=0.1))
+
+
+def test_explicit_dtypes_pass_through():
+    assert precision.resolve_dtype("float32", "cpu", tiny_model(), (4, 16)) == "float32"
+    assert precision.resolve_dtype("bfloat16", "cpu") == "bfloat16"
+
+
+def test_a_cpu_without_bf16_units_gets_float32_without_timing(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: False)
+    monkeypatch.setattr(precision, "time_dtypes", lambda *a: pytest.fail("timed on a CPU that emulates bf16"))
+    assert precision.resolve_dtype("auto", "cpu", tiny_model(), (4, 16)) == "float32"
+
+
+@pytest.mark.parametrize("times, expected", [({"float32": 0.3, "bfloat16": 0.5}, "float32"),
+                                             ({"float32": 0.5, "bfloat16": 0.3}, "bfloat16")])
+def test_auto_takes_the_faster_and_caches_it(monkeypatch, times, expected):
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    calls, lines = [], []
+    monkeypatch.setattr(precision, "time_dtypes", lambda model, shape: calls.append(shape) or dict(times))
+    model = tiny_model()
+    assert precision.resolve_dtype("auto", "cpu", model, (4, 16), log=lines.append) == expected
+    assert calls == [(4, 16)] and "timed once, cached" in lines[0]
+    # the second time the cache answers
+    assert precision.resolve_dtype("auto", "cpu", model, (4, 16), log=lines.append) == expected
+    assert len(calls) == 1 and len(lines) == 1
+    # another batch shape is another question
+    precision.resolve_dtype("auto", "cpu", model, (8, 16))
+    assert calls == [(4, 16), (8, 16)]
+
+
+def test_a_corrupt_cache_is_timed_again(monkeypatch):
+    monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
+    monkeypatch.setattr(precision, "time_dtypes", lambda model, shape: {"float32": 0.1, "bfloat16": 0.2})
+    path = cache_path(precision.CACHE)
+    os.makedirs(os.path.dirname(path), exist_ok=True)
+    with open(path, "w") as f:
+        f.write("{not json")
+    assert precision.resolve_dtype("auto", "cpu", tiny_model(), (2, 16)) == "float32"
+
+
+def test_timing_leaves_the_model_and_the_random_streams_alone():
+    model = tiny_model()
+    before = {k: v.clone() for k, v in model.state_dict().items()}
+    rng = torch.get_rng_state()
+    times = precision.time_dtypes(model, (4, 16))
+    assert set(times) == {"float32", "bfloat16"} and all(t > 0 for t in times.values())
+    assert torch.equal(torch.get_rng_state(), rng)
+    assert all(torch.equal(before[k], v) for k, v in model.state_dict().items())
+    assert all(p.grad is None for p in model.parameters())
+
+
+def test_a_run_with_dtype_auto_says_what_it_chose(data_dir, tmp_path):
+    lines = []
+    train.train(*tiny_configs(data_dir, tmp_path / "o", dtype="auto", max_iters=2, eval_interval=2, sample_chars=0),
+                log=lines.append)
+    chosen = [line for line in lines if line.startswith("device cpu, dtype ")]
+    assert chosen and chosen[0].split("dtype ")[1].split(",")[0] in ("float32", "bfloat16")
