@@ -1,6 +1,6 @@
 """The lecture, step by step: train every stage of the video and set its val loss beside the lecture's.
 
-    python ladder.py                          # stages 1-7, three seeds each: about 6 minutes on a 2-core CPU
+    python ladder.py                          # stages 1-7, three seeds each: about 4 minutes on a 2-core CPU
     python ladder.py --stages 2,3 --seeds 1   # some stages, one seed
     python ladder.py --with-scaled            # and stage 8, the lecture's full recipe (a GPU: hours on a CPU)
     python ladder.py --stages 1,2 --seeds 1 --max_iters=300 --eval_iters=20   # a quick look; flags go to train.py
