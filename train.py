@@ -92,6 +92,7 @@ class TrainConfig:
     weight_decay: float = knob(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
+    data_order: str = knob("random", "'random': each window of a batch starts anywhere (the lecture's get_batch); 'epoch': every block_size window once per epoch, in a random order")
     grad_clip: float = knob(1.0, "clip the gradient norm to this (0: no clipping)")
     optimizer: str = knob("adamw", "'adamw', or 'muon': Muon for the Blocks' weight matrices, AdamW for the rest (muon.py)")
     muon_lr: float = knob(0.01, "peak learning rate of the Muon matrices (same warmup and decay as learning_rate)")
@@ -127,6 +128,8 @@ class TrainConfig:
             raise ValueError(f"--init_from must be 'scratch' or 'resume', got {self.init_from!r}")
         if self.overwrite and self.init_from == "resume":
             raise ValueError("--overwrite=True is for a new run (--init_from=scratch); a resumed run goes on in its out_dir")
+        if self.data_order not in ("random", "epoch"):
+            raise ValueError(f"--data_order must be 'random' or 'epoch', got {self.data_order!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
         if self.dtype not in ("auto", "float32", "bfloat16"):
@@ -233,18 +236,49 @@ def load_dataset(config):
 
 
 class BatchSampler:
-    """Random windows of block_size + 1 tokens from a token array, drawn with its own seeded
-    generator so that its state can be saved and restored for an exact resume."""
+    """Windows of block_size + 1 tokens from a token array, drawn with its own seeded
+    generator so that its state can be saved and restored for an exact resume.
 
-    def __init__(self, data, block_size, batch_size, seed):
+    order 'random': every window starts anywhere, independently of the others (the lecture's
+    get_batch): some characters are seen twice before others once. order 'epoch': the array is
+    cut into consecutive windows from a random offset, and an epoch visits each of them once,
+    in a random order, so every character is a target once per epoch; the next epoch cuts
+    at another offset."""
+
+    def __init__(self, data, block_size, batch_size, seed, order="random"):
         self.data, self.block_size, self.batch_size, self.seed = data, block_size, batch_size, seed
+        self.order = order
         self.generator = torch.Generator().manual_seed(seed)
+        self.starts, self.used = None, 0  # this epoch's window starts, and how many are taken
 
     def reset(self):
         self.generator.manual_seed(self.seed)
+        self.starts, self.used = None, 0
+
+    def _window_starts(self, n):
+        """(n,) start positions of the next windows."""
+        if self.order == "random":
+            return torch.randint(len(self.data) - self.block_size, (n,), generator=self.generator)  # (n,)
+        if self.starts is None or self.used + n > len(self.starts):  # a new epoch
+            offset = int(torch.randint(self.block_size, (1,), generator=self.generator))
+            count = (len(self.data) - 1 - offset) // self.block_size
+            self.starts = offset + self.block_size * torch.randperm(count, generator=self.generator)  # (count,)
+            self.used = 0
+        self.used += n
+        return self.starts[self.used - n : self.used]  # (n,)
+
+    def state_dict(self):
+        state = {"generator": self.generator.get_state()}
+        if self.starts is not None:
+            state["starts"], state["used"] = self.starts.clone(), self.used
+        return state
+
+    def load_state_dict(self, state):
+        self.generator.set_state(state["generator"])
+        self.starts, self.used = state.get("starts"), state.get("used", 0)
 
     def next(self, device):
-        ix = torch.randint(len(self.data) - self.block_size, (self.batch_size,), generator=self.generator)  # (B,)
+        ix = self._window_starts(self.batch_size)  # (B,)
         offsets = ix[:, None].numpy() + np.arange(self.block_size + 1)  # (B, T+1)
         window = torch.from_numpy(self.data[offsets].astype(np.int64))  # (B, T+1)
         x, y = window[:, :-1].contiguous(), window[:, 1:].contiguous()  # (B, T) each: y is x shifted by one
@@ -330,7 +364,7 @@ def train_step(step_model, optimizer, batches, config, ctx, device, ddp=Distribu
 def rng_state(batch_sampler):
     state = {
         "torch": torch.get_rng_state(),
-        "batches": batch_sampler.generator.get_state(),
+        "batches": batch_sampler.state_dict(),
         "python": random.getstate(),
         "numpy": [x.tolist() if isinstance(x, np.ndarray) else x for x in np.random.get_state()],
     }
@@ -341,7 +375,8 @@ def rng_state(batch_sampler):
 
 def set_rng_state(state, batch_sampler):
     torch.set_rng_state(state["torch"])
-    batch_sampler.generator.set_state(state["batches"])
+    batches = state["batches"]  # a checkpoint from before data_order kept the generator's state alone
+    batch_sampler.load_state_dict(batches if isinstance(batches, dict) else {"generator": batches})
     random.setstate(tuple(tuple(x) if isinstance(x, list) else x for x in state["python"]))
     name, keys, pos, has_gauss, cached = state["numpy"]
     np.random.set_state((name, np.array(keys, dtype=np.uint32), pos, has_gauss, cached))
@@ -525,7 +560,7 @@ def _train(config, model_config, log, live, ddp, device, t_start):
     torch.manual_seed(config.seed + ddp.rank)
     random.seed(config.seed + ddp.rank)
     np.random.seed(config.seed + ddp.rank)
-    batches = BatchSampler(train_data, model_config.block_size, config.batch_size, config.seed + ddp.rank)
+    batches = BatchSampler(train_data, model_config.block_size, config.batch_size, config.seed + ddp.rank, config.data_order)
     eval_samplers = {
         "train": BatchSampler(train_data, model_config.block_size, config.batch_size, seed=1),
         "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
