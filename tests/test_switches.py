@@ -191,6 +191,21 @@ def test_rotary_positions_replace_the_table_and_keep_only_relative_distance():
     torch.testing.assert_close(at(q, 7).norm(), q.norm())  # a rotation keeps lengths
 
 
+def test_rotary_multiplies_by_e_to_the_i_angle_as_a_real_rotation_of_each_pair_would():
+    from model import Rotary
+
+    rotary = Rotary(head_size=8, block_size=T)
+    x = torch.randn(2, NH, T, 8, requires_grad=True)
+    pos = torch.arange(T, dtype=torch.float32)[:, None]
+    angle = pos * 10000.0 ** (-torch.arange(4) / 4)  # (T, 4): pair i turns this far at each position
+    a, b = x[..., 0::2], x[..., 1::2]  # the two channels of each pair
+    by_hand = torch.stack((a * angle.cos() - b * angle.sin(), a * angle.sin() + b * angle.cos()), dim=-1).flatten(-2)
+    torch.testing.assert_close(rotary(x), by_hand)
+    g = torch.randn_like(by_hand)  # and the gradient flows back the same way
+    torch.testing.assert_close(torch.autograd.grad(rotary(x), x, g)[0], torch.autograd.grad(by_hand, x, g)[0])
+    torch.testing.assert_close(rotary(x[:, :, 3:5], start=3), rotary(x)[:, :, 3:5])  # a decode step at position 3
+
+
 def test_qk_norm_compares_unit_rms_queries_and_keys():
     sa = build(qk_norm=True).blocks[0].sa
     q, k = torch.randn(2, NH, T, C // NH) * 5, torch.randn(2, NH, T, C // NH) * 0.1
