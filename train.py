@@ -2,11 +2,11 @@
 
     python prepare.py                                  # once: data/shakespeare_char/
     python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU: ~25 s, into out-cpu/
-    python train.py config/shakespeare_char.py         # the lecture's architecture, 30 min on 2 cores, into out/
+    python train.py config/shakespeare_char.py         # the lecture's GPT in a 15-minute time budget, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
-    python train.py config/shakespeare_char.py --time_budget=15     # as good a model as 15 minutes give here
+    python train.py config/shakespeare_char.py --time_budget=30     # as good a model as 30 minutes give here
     python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
 
