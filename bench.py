@@ -286,13 +286,17 @@ def sample_estimate(out_dir, flags):
     return sum(sample.memory_parts(config, model, len(sample.read_prompt(config.start))).values())
 
 
+# config/shakespeare_char.py without its architecture options: the lecture's Blocks
+LECTURE_ARCHITECTURE = ["--position=learned", "--qk_norm=False", "--activation=relu"]
+
+
 def bench_memory(args, overrides):
     runs = [
         ["config/shakespeare_char_cpu.py", "--dtype=float32"],
-        ["config/shakespeare_char.py", "--dtype=float32"],
-        ["config/shakespeare_char.py", "--dtype=bfloat16"],
-        ["config/shakespeare_char.py", "--dtype=float32", "--attn_dropout=0.1"],
-        ["config/shakespeare_char.py", "--dtype=float32", "--activation=relu2", "--position=rotary", "--qk_norm=True"],
+        ["config/shakespeare_char.py", "--dtype=float32", *LECTURE_ARCHITECTURE],
+        ["config/shakespeare_char.py", "--dtype=bfloat16", *LECTURE_ARCHITECTURE],
+        ["config/shakespeare_char.py", "--dtype=float32", "--attn_dropout=0.1", *LECTURE_ARCHITECTURE],
+        ["config/shakespeare_char.py", "--dtype=float32"],  # its options: squared ReLU, rotary positions, QK-norm
         ["config/lecture/8_dropout_scaled.py", "--dtype=float32", "--batch_size=16"],
         ["config/lecture/8_dropout_scaled.py", "--dtype=bfloat16", "--batch_size=16"],
         ["config/lecture/8_dropout_scaled.py", "--dtype=float32"],
