@@ -58,48 +58,36 @@ class MuonAdamW(torch.optim.Optimizer):
 
     def _muon_step(self, params, group):
         lr, wd, momentum = group["lr"], group["weight_decay"], group["momentum"]
-        # the torch._foreach_ ops do to every tensor of a list what their names say, in one
-        # call: on a small model the Python of a loop over the parameters costs more than
-        # the arithmetic
-        bufs = []
+        by_shape = {}  # matrices of one shape are orthogonalized together, as a stack
         for p in params:
             state = self.state[p]
             if not state:
                 state["momentum_buffer"] = torch.zeros_like(p)
-            bufs.append(state["momentum_buffer"])
-        grads = [p.grad for p in params]
-        torch._foreach_lerp_(bufs, grads, 1 - momentum)
-        nesterov = torch._foreach_lerp(grads, bufs, momentum)  # one step ahead
-        by_shape = {}  # matrices of one shape are orthogonalized together, as a stack
-        for p, g in zip(params, nesterov):
-            by_shape.setdefault(p.shape, []).append((p, g))
-        torch._foreach_mul_(params, 1 - lr * wd)
+            buf = state["momentum_buffer"]
+            buf.lerp_(p.grad, 1 - momentum)
+            by_shape.setdefault(p.shape, []).append((p, p.grad.lerp(buf, momentum)))  # Nesterov: one step ahead
         for (rows, cols), pairs in by_shape.items():
             updates = orthogonalize(torch.stack([g for _, g in pairs]))  # (n, rows, cols)
             # a tall orthogonal matrix has entries ~ 1/sqrt(rows): scale it up to match
             scale = max(1.0, rows / cols) ** 0.5
-            torch._foreach_add_([p for p, _ in pairs], updates.unbind(), alpha=-lr * scale)
+            for (p, _), update in zip(pairs, updates):
+                p.mul_(1 - lr * wd)
+                p.add_(update, alpha=-lr * scale)
 
     def _adamw_step(self, params, group):
         lr, wd, eps = group["lr"], group["weight_decay"], group["eps"]
         beta1, beta2 = group["betas"]
-        states = [self.state[p] for p in params]
-        for p, state in zip(params, states):
+        for p in params:
+            state = self.state[p]
             if not state:
                 state["step"] = 0
                 state["exp_avg"] = torch.zeros_like(p)
                 state["exp_avg_sq"] = torch.zeros_like(p)
             state["step"] += 1
-        grads = [p.grad for p in params]
-        exp_avg, exp_avg_sq = [s["exp_avg"] for s in states], [s["exp_avg_sq"] for s in states]
-        torch._foreach_lerp_(exp_avg, grads, 1 - beta1)
-        torch._foreach_mul_(exp_avg_sq, beta2)
-        torch._foreach_addcmul_(exp_avg_sq, grads, grads, value=1 - beta2)
-        # the bias corrections of each parameter's own step count
-        bias1 = [1 - beta1 ** s["step"] for s in states]
-        bias2 = [1 - beta2 ** s["step"] for s in states]
-        denom = torch._foreach_div(exp_avg_sq, bias2)
-        torch._foreach_sqrt_(denom)
-        torch._foreach_add_(denom, eps)
-        torch._foreach_mul_(params, 1 - lr * wd)
-        torch._foreach_addcdiv_(params, exp_avg, denom, [-lr / b for b in bias1])
+            state["exp_avg"].lerp_(p.grad, 1 - beta1)
+            state["exp_avg_sq"].mul_(beta2).addcmul_(p.grad, p.grad, value=1 - beta2)
+            bias1 = 1 - beta1 ** state["step"]
+            bias2 = 1 - beta2 ** state["step"]
+            denom = (state["exp_avg_sq"] / bias2).sqrt_().add_(eps)
+            p.mul_(1 - lr * wd)
+            p.addcdiv_(state["exp_avg"], denom, value=-lr / bias1)
