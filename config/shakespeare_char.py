@@ -18,6 +18,7 @@ README); its exact recipe, for a GPU, is config/lecture/8_dropout_scaled.py.
 
     python train.py config/shakespeare_char.py
     python train.py config/shakespeare_char.py --time_budget=30   # a longer budget, a better model
+    python train.py config/shakespeare_char.py --time_budget=0 --max_iters=3000   # a step run instead
 """
 out_dir = "out"
 dataset = "shakespeare_char"
