@@ -132,16 +132,22 @@ def test_proj_false_needs_a_feed_forward_of_n_embd():
         GPT(GPTConfig(vocab_size=V, init="xavier"))
 
 
+def assert_decoder_matches_forward(model, idx, prompt):
+    """A prompt of `prompt` tokens prefilled, the rest of idx decoded one at a time through
+    the KV cache: the logits are the full forward's at the same positions."""
+    full, _ = model(idx)
+    cache = KVCache(model.config, idx.shape[0], "cpu", torch.float32)
+    steps = [model.prefill(idx[:, :prompt], cache)]
+    decoder = Decoder(model)
+    steps += [decoder(idx[:, t], cache) for t in range(prompt, idx.shape[1])]
+    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, prompt - 1 :], atol=1e-5, rtol=1e-5)
+
+
 @pytest.mark.parametrize("switches", COMBINATIONS, ids=name)
 def test_kv_cache_decoder_follows_the_switches(switches):
     model = build(**switches)
     idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(3))
-    full, _ = model(idx)
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
-    steps = [model.prefill(idx[:, :3], cache)]
-    decoder = Decoder(model)
-    steps += [decoder(idx[:, t], cache) for t in range(3, T)]
-    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 2:], atol=1e-5, rtol=1e-5)
+    assert_decoder_matches_forward(model, idx, prompt=3)
 
 
 def test_attention_maps_rebuild_a_stage_without_residuals_or_layer_norm():
@@ -227,12 +233,7 @@ def test_squared_relu():
 def test_options_cache_decode_and_attention_maps_agree_with_the_forward(options):
     model = build(**options)
     idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(5))
-    full, _ = model(idx)
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
-    steps = [model.prefill(idx[:, :4], cache)]
-    decoder = Decoder(model)
-    steps += [decoder(idx[:, t], cache) for t in range(4, T)]
-    torch.testing.assert_close(torch.stack(steps, dim=1), full[:, 3:], atol=1e-5, rtol=1e-5)
+    assert_decoder_matches_forward(model, idx, prompt=4)
     # the attention maps are what the fused attention uses: maps @ values, projected, is its output
     block = model.blocks[0]
     x = model._embed(idx[:1])  # (1, T, C)
