@@ -56,3 +56,46 @@ def test_a_stack_is_orthogonalized_matrix_by_matrix():
     stacked = orthogonalize(G)
     for i in range(3):
         assert torch.allclose(stacked[i], orthogonalize(G[i]), atol=1e-5)
+
+
+def test_state_dict_has_the_torch_optimizer_layout_and_round_trips():
+    """Parameters are numbered by position over all groups, as torch.optim.Optimizer does (so
+    checkpoints of the earlier torch.optim-based class load), and loading the state into a
+    fresh optimizer continues the same trajectory."""
+    torch.manual_seed(0)
+    make = lambda: [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4))]
+    groups = lambda ps: [{"params": ps[:2], "muon": True, "lr": 0.05, "weight_decay": 0.1},
+                         {"params": ps[2:], "muon": False, "lr": 0.01, "weight_decay": 0.0}]
+    a, b = make(), make()
+    for p, q in zip(a, b):
+        q.data.copy_(p.data)
+    opt_a = MuonAdamW(groups(a))
+    grads = [[torch.randn_like(p) for p in a] for _ in range(4)]
+    for step in range(2):
+        for p, g in zip(a, grads[step]):
+            p.grad = g.clone()
+        opt_a.step()
+    state = opt_a.state_dict()
+    torch_layout = torch.optim.SGD([{"params": a[:2]}, {"params": a[2:]}], lr=0.1).state_dict()
+    assert [g["params"] for g in state["param_groups"]] == [g["params"] for g in torch_layout["param_groups"]] == [[0, 1], [2]]
+    assert sorted(state["state"]) == [0, 1, 2] and state["state"][2]["step"] == 2
+
+    opt_b = MuonAdamW(groups(b))
+    opt_b.load_state_dict(state)
+    for p, q in zip(a, b):
+        q.data.copy_(p.data)
+    for step in range(2, 4):
+        for opt, ps in ((opt_a, a), (opt_b, b)):
+            for p, g in zip(ps, grads[step]):
+                p.grad = g.clone()
+            opt.step()
+            opt.zero_grad()
+    assert all(torch.equal(p, q) for p, q in zip(a, b)) and all(p.grad is None for p in a)
+
+
+def test_load_state_dict_refuses_other_groups():
+    p = torch.nn.Parameter(torch.randn(4, 4))
+    state = MuonAdamW([{"params": [p], "muon": True, "lr": 0.1}]).state_dict()
+    other = MuonAdamW([{"params": [p, torch.nn.Parameter(torch.randn(4, 4))], "muon": True, "lr": 0.1}])
+    with pytest.raises(ValueError, match="other parameter groups"):
+        other.load_state_dict(state)
