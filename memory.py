@@ -29,8 +29,6 @@ import os
 
 import torch
 
-from model import build_model
-from muon import takes_muon
 
 FLOAT = 4  # bytes of a float32
 # what a run takes besides its tensors: PyTorch's kernels and thread pools on the first
@@ -60,12 +58,25 @@ def format_bytes(n):
 
 
 def count_params(model_config):
-    """(all parameters, those that take Muon's update), counted on a model built on the meta
-    device: no memory is allocated, however big the config."""
-    with torch.device("meta"):
-        model = build_model(model_config)
-    named = list(model.named_parameters())
-    return sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p))
+    """(all parameters, those that take Muon's update) of the model a GPTConfig describes,
+    counted from its shapes (a test holds this to the model itself, for every switch): no
+    model is built, so nothing is allocated however big the config, and nothing imported
+    (initialising a model on the meta device imports torch._dynamo, 1.5 s)."""
+    c, C = model_config, model_config.n_embd
+    if c.model_type == "bigram":
+        return c.vocab_size**2, 0
+    norm = 2 * C if c.layer_norm else 0  # a LayerNorm's gain and bias
+    hidden = c.ffwd_mult * C
+    matrices = 3 * C * C + (C * C if c.proj else 0)  # qkv, and the attention's projection
+    biases = C if c.proj else 0
+    block = norm
+    if hidden:
+        matrices += C * hidden + (hidden * C if c.proj else 0)  # FeedForward's Linear, and its projection
+        biases += hidden + (C if c.proj else 0)
+        block += norm
+    embeddings = (c.vocab_size + (c.block_size if c.position == "learned" else 0)) * C
+    head = C * c.vocab_size + c.vocab_size + norm  # lm_head and the final LayerNorm
+    return c.n_layer * (block + matrices + biases) + embeddings + head, c.n_layer * matrices
 
 
 def block_bytes_per_token(model_config, dtype="float32"):

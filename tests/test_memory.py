@@ -11,7 +11,8 @@ import memory
 import sample
 import train
 from checkpoint import save_checkpoint
-from model import GPT, GPTConfig
+from model import GPT, GPTConfig, build_model
+from muon import takes_muon
 
 
 @pytest.fixture
@@ -100,6 +101,16 @@ def saved_bytes(model_config, dtype):
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(idx, idx)
     return sum(seen.values())
+
+
+@pytest.mark.parametrize("variant", [{}, {"model_type": "bigram"}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, {"proj": False, "ffwd_mult": 1},
+                                     {"proj": False, "ffwd_mult": 0}, {"layer_norm": False}, {"position": "rotary"},
+                                     {"qk_norm": True}, {"activation": "relu2"}, {"residual": False, "init": "pytorch"}])
+def test_the_parameter_count_is_the_models(variant):
+    """memory.count_params, worked out from the config, against the model that config builds."""
+    config = GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=4, n_embd=32, **variant)
+    named = list(build_model(config).named_parameters())
+    assert memory.count_params(config) == (sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
