@@ -222,7 +222,7 @@ class Decoder:
             k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
             q_k_v = qkv(self._norm(x, ln1))  # (B, 3C)
             q_k_v = q_k_v.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
-            q, k = compare_form(q_k_v[:, 0], q_k_v[:, 1], start=pos)  # (B, nh, 1, hs) each
+            q, k = compare_form(q_k_v[:, :2].flatten(1, 2), start=pos).split(nh, dim=1)  # (B, nh, 1, hs) each
             k_cache[:, :, pos : pos + 1] = k
             v_cache[:, :, pos : pos + 1] = q_k_v[:, 2]
             # one query sees every cached position, so no mask
@@ -300,11 +300,11 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
-        q, k, v = self.qkv(x).split(C, dim=2)  # each (B, T, C)
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        v = v.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = self.compare_form(q, k)
+        nh = self.n_head
+        # the queries, keys and values of every head, as 3 x nh heads (B, 3nh, T, hs)
+        qkv = self.qkv(x).view(B, T, 3 * nh, self.head_size).transpose(1, 2)
+        q, k = self.compare_form(qkv[:, : 2 * nh]).split(nh, dim=1)  # (B, nh, T, hs) each
+        v = qkv[:, 2 * nh :]  # (B, nh, T, hs)
         if cache is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
@@ -319,24 +319,24 @@ class MultiHeadAttention(nn.Module):
             out = self.proj(out)  # (B, T, C)
         return self.dropout(out)
 
-    def compare_form(self, q, k, start=0):
-        """Queries and keys (B, nh, T, hs) at positions start.. as attention compares them:
-        unchanged in the lecture's model; with qk_norm at unit RMS, with rotary positions rotated."""
+    def compare_form(self, qk, start=0):
+        """Queries and keys side by side (B, 2nh, T, hs: the queries first) at positions start..
+        as attention compares them: unchanged in the lecture's model; with qk_norm at unit RMS,
+        with rotary positions rotated. Both in one call each: the tensors are small, and on a
+        CPU a call costs about as much as its arithmetic."""
         if self.qk_norm:  # bounded logits: no head can saturate its softmax by growing q or k
-            q, k = F.rms_norm(q, (self.head_size,)), F.rms_norm(k, (self.head_size,))
+            qk = F.rms_norm(qk, (self.head_size,))
         if self.rotary is not None:
-            q, k = self.rotary(q, start), self.rotary(k, start)
-        return q, k
+            qk = self.rotary(qk, start)
+        return qk
 
     def attention(self, x):
         """The attention weights (B, nh, T, T) of every head, written out as in the lecture:
         q·kᵀ scaled by head_size**-0.5, the tril mask, softmax. Row t says how much position t
         takes from each of positions 0..t; forward computes the same in a fused kernel."""
         B, T, C = x.shape
-        q, k, _ = self.qkv(x).split(C, dim=2)  # (B, T, C) each
-        q = q.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        k = k.view(B, T, self.n_head, self.head_size).transpose(1, 2)  # (B, nh, T, hs)
-        q, k = self.compare_form(q, k)
+        qkv = self.qkv(x).view(B, T, 3 * self.n_head, self.head_size).transpose(1, 2)  # (B, 3nh, T, hs)
+        q, k = self.compare_form(qkv[:, : 2 * self.n_head]).split(self.n_head, dim=1)  # (B, nh, T, hs) each
         wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B, nh, T, T)
         tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         return F.softmax(wei.masked_fill(~tril, float("-inf")), dim=-1)  # (B, nh, T, T)

@@ -215,7 +215,7 @@ def test_rotary_multiplies_by_e_to_the_i_angle_as_a_real_rotation_of_each_pair_w
 def test_qk_norm_compares_unit_rms_queries_and_keys():
     sa = build(qk_norm=True).blocks[0].sa
     q, k = torch.randn(2, NH, T, C // NH) * 5, torch.randn(2, NH, T, C // NH) * 0.1
-    qn, kn = sa.compare_form(q, k)
+    qn, kn = sa.compare_form(torch.cat([q, k], dim=1)).split(NH, dim=1)  # queries and keys side by side
     for t in (qn, kn):
         torch.testing.assert_close(t.pow(2).mean(-1), torch.ones(2, NH, T), atol=1e-4, rtol=0)
 
