@@ -65,7 +65,8 @@ def count_params(model_config):
     c, C = model_config, model_config.n_embd
     if c.model_type == "bigram":
         return c.vocab_size**2, 0
-    norm = 2 * C if c.layer_norm else 0  # a LayerNorm's gain and bias
+    bias = 1 if c.bias else 0
+    norm = (1 + bias) * C if c.layer_norm else 0  # a LayerNorm's gain and bias
     hidden = c.ffwd_mult * C
     matrices = 3 * C * C + (C * C if c.proj else 0)  # qkv, and the attention's projection
     biases = C if c.proj else 0
@@ -75,8 +76,8 @@ def count_params(model_config):
         biases += hidden + (C if c.proj else 0)
         block += norm
     embeddings = (c.vocab_size + (c.block_size if c.position == "learned" else 0)) * C
-    head = C * c.vocab_size + c.vocab_size + norm  # lm_head and the final LayerNorm
-    return c.n_layer * (block + matrices + biases) + embeddings + head, c.n_layer * matrices
+    head = C * c.vocab_size + bias * c.vocab_size + norm  # lm_head and the final LayerNorm
+    return c.n_layer * (block + matrices + bias * biases) + embeddings + head, c.n_layer * matrices
 
 
 def block_bytes_per_token(model_config, dtype="float32"):

@@ -13,7 +13,9 @@ The lecture's classes, in the order it builds them:
 The lecture reaches this Block in steps, and GPTConfig can take each one back: no
 FeedForward or a narrow one (ffwd_mult), no projections back into the stream (proj), no
 residual connections (residual), no LayerNorm (layer_norm). The defaults are the finished
-model; config/lecture/ holds one config per step, and ladder.py trains them all.
+model; config/lecture/ holds one config per step, and ladder.py trains them all. Options
+from recent speed records of small GPTs (activation, position, qk_norm, bias) are off by
+default too; the README says which recipe uses which.
 
 Weights: every Linear and Embedding starts at N(0, 0.02); the two projections that write
 into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream does not
@@ -62,6 +64,7 @@ class GPTConfig:
     activation: str = field(default="relu", metadata={"help": "FeedForward's nonlinearity: 'relu' (the lecture) or 'relu2' (squared ReLU)"})
     position: str = field(default="learned", metadata={"help": "'learned': a position embedding table (the lecture); 'rotary': queries and keys rotated by position (RoPE), no table"})
     qk_norm: bool = field(default=False, metadata={"help": "scale each head's queries and keys to unit RMS before their dot product"})
+    bias: bool = field(default=True, metadata={"help": "a bias in the Linear layers and LayerNorms (False: none, as in recent GPTs)"})
 
     def validate(self):
         """Raise ValueError naming the flag for a config that cannot build a model."""
@@ -198,7 +201,7 @@ class Decoder:
         v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
         # a piece that the lecture's earlier steps leave out (see GPTConfig) is None here
         lin = lambda m: None if m is None else decode_linear(m.weight, m.bias, dtype)
-        norm = lambda m: (v(m.weight), v(m.bias)) if isinstance(m, nn.LayerNorm) else None
+        norm = lambda m: (v(m.weight), None if m.bias is None else v(m.bias)) if isinstance(m, nn.LayerNorm) else None
         self.n_head, self.C, self.residual = model.config.n_head, model.config.n_embd, model.config.residual
         self.tok_emb = v(model.token_embedding_table.weight)
         self.pos_emb = None if model.position_embedding_table is None else v(model.position_embedding_table.weight)
@@ -295,7 +298,7 @@ class MultiHeadAttention(nn.Module):
         self.rotary = Rotary(self.head_size, config.block_size) if config.position == "rotary" else None
         self.qkv = nn.Linear(config.n_embd, 3 * config.n_embd, bias=False)
         # the lecture first just concatenates the heads; the projection comes with the residual connections
-        self.proj = nn.Linear(config.n_embd, config.n_embd) if config.proj else None
+        self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.proj else None
         self.dropout = Dropout(config.dropout)
 
     def forward(self, x, cache=None, layer=0):
@@ -366,11 +369,11 @@ class FeedForward(nn.Module):
     def __init__(self, config):
         super().__init__()
         hidden = config.ffwd_mult * config.n_embd
-        layers = [nn.Linear(config.n_embd, hidden), nn.ReLU() if config.activation == "relu" else SquaredReLU()]
+        layers = [nn.Linear(config.n_embd, hidden, bias=config.bias), nn.ReLU() if config.activation == "relu" else SquaredReLU()]
         # the lecture's first FeedForward stops at the ReLU; the projection back (and 4x the
         # width inside) comes with the residual connections
         if config.proj:
-            layers.append(nn.Linear(hidden, config.n_embd))
+            layers.append(nn.Linear(hidden, config.n_embd, bias=config.bias))
         layers.append(Dropout(config.dropout))
         self.net = nn.Sequential(*layers)
 
@@ -387,8 +390,8 @@ class Block(nn.Module):
         self.sa = MultiHeadAttention(config)
         self.ffwd = FeedForward(config) if config.ffwd_mult > 0 else None
         # pre-norm, the lecture's last step: each branch reads a normalised copy of x
-        self.ln1 = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
-        self.ln2 = nn.LayerNorm(config.n_embd) if config.layer_norm and self.ffwd else nn.Identity()
+        self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else nn.Identity()
+        self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm and self.ffwd else nn.Identity()
 
     def forward(self, x, cache=None, layer=0):
         a = self.sa(self.ln1(x), cache, layer)  # (B, T, C): communication
@@ -488,8 +491,8 @@ class GPT(LanguageModel):
         # with rotary positions the attention itself knows how far apart characters are
         self.position_embedding_table = nn.Embedding(config.block_size, config.n_embd) if config.position == "learned" else None
         self.blocks = nn.ModuleList([Block(config) for _ in range(config.n_layer)])
-        self.ln_f = nn.LayerNorm(config.n_embd) if config.layer_norm else nn.Identity()
-        self.lm_head = nn.Linear(config.n_embd, config.vocab_size)
+        self.ln_f = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else nn.Identity()
+        self.lm_head = nn.Linear(config.n_embd, config.vocab_size, bias=config.bias)
         self._init_weights()
 
     def _init_weights(self):

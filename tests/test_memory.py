@@ -105,7 +105,8 @@ def saved_bytes(model_config, dtype):
 
 @pytest.mark.parametrize("variant", [{}, {"model_type": "bigram"}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, {"proj": False, "ffwd_mult": 1},
                                      {"proj": False, "ffwd_mult": 0}, {"layer_norm": False}, {"position": "rotary"},
-                                     {"qk_norm": True}, {"activation": "relu2"}, {"residual": False, "init": "pytorch"}])
+                                     {"qk_norm": True}, {"activation": "relu2"}, {"residual": False, "init": "pytorch"},
+                                     {"bias": False}, {"bias": False, "proj": False, "ffwd_mult": 1}])
 def test_the_parameter_count_is_the_models(variant):
     """memory.count_params, worked out from the config, against the model that config builds."""
     config = GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=4, n_embd=32, **variant)

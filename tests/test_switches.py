@@ -178,8 +178,8 @@ def test_a_checkpoint_records_the_switches_and_rebuilds_the_stage(tmp_path):
 
 # -- options beyond the lecture: squared ReLU, rotary positions, QK-norm ---------------------
 
-OPTIONS = [dict(activation="relu2"), dict(position="rotary"), dict(qk_norm=True),
-           dict(activation="relu2", position="rotary", qk_norm=True)]
+OPTIONS = [dict(activation="relu2"), dict(position="rotary"), dict(qk_norm=True), dict(bias=False),
+           dict(activation="relu2", position="rotary", qk_norm=True, bias=False)]
 
 
 def test_rotary_positions_replace_the_table_and_keep_only_relative_distance():
@@ -227,6 +227,21 @@ def test_squared_relu():
     fc, fc2 = ffwd.net[0], ffwd.net[2]
     torch.testing.assert_close(ffwd(x), fc2(F.relu(fc(x)) ** 2))
     assert model.num_params() == expected_params()
+
+
+def test_without_bias_the_model_is_the_one_with_zero_biases():
+    with_bias = build()
+    no_bias = build(bias=False)
+    biases = [n for n, _ in with_bias.named_parameters() if n.endswith(".bias")]
+    assert biases and not any(n.endswith(".bias") for n, _ in no_bias.named_parameters())
+    assert no_bias.num_params() == expected_params() - sum(with_bias.get_parameter(n).numel() for n in biases)
+    state = with_bias.state_dict()
+    no_bias.load_state_dict({k: v for k, v in state.items() if k not in biases})  # strict: nothing else differs
+    with torch.no_grad():
+        for n in biases:
+            with_bias.get_parameter(n).zero_()
+    idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(3))
+    torch.testing.assert_close(no_bias(idx)[0], with_bias(idx)[0])
 
 
 @pytest.mark.parametrize("options", OPTIONS, ids=name)
