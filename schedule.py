@@ -6,9 +6,11 @@ schedule fits a 20-second run and a 15-minute one:
 
     step runs     p = (it - warmup_iters) / (lr_decay_iters - warmup_iters), lr_decay_iters
                   defaulting to max_iters: the fraction of the steps after warmup
-    budget runs   p = elapsed / time_budget: the fraction of the wall time spent, counted
-                  from the start of train() and across resumes (warmup is a few seconds of
-                  the budget, so it is not taken out)
+    budget runs   p = elapsed / (time_budget - what the end of the run needs): the fraction
+                  of the wall time for steps spent, counted from the start of train() and
+                  across resumes, so that the last step is at the end of the schedule and
+                  the final eval, checkpoint and sample come after it (warmup is a few
+                  seconds of the budget, so it is not taken out)
 
 lr_schedule picks the shape over p (after warmup):
     cosine  from learning_rate down to min_lr along half a cosine (the default)
@@ -133,7 +135,10 @@ class RunProgress:
         at this step anyway."""
         if not self.budget:
             return step_progress(it, self.config), it == self.config.max_iters
-        return min(1.0, elapsed / self.budget), self.out_of_time(elapsed, eval_due)
+        # the steps end where the time for the end of the run begins: the schedule ends there
+        steps_end = self.budget - self.final_seconds()
+        p = 1.0 if steps_end <= 0 else min(1.0, elapsed / steps_end)
+        return p, self.out_of_time(elapsed, eval_due)
 
     def out_of_time(self, elapsed, eval_due=False):
         """With a budget: whether the eval due now, one more step and the end of the run

@@ -83,6 +83,10 @@ def test_run_progress_stops_a_budget_run_in_time_from_measured_costs():
     progress.measure_sample(0.5, 50)  # 10 ms a character: samples.txt takes 1 s
     final = SAFETY * (5.0 + 1.0)
     assert progress.final_seconds() == pytest.approx(final)
+    # the schedule ends with the last step, before the final eval and sample
+    assert progress.at(120, 30.0, eval_due=False)[0] == pytest.approx(30.0 / (60 - final))
+    p_last = progress.at(120, 60 - 1.0 - final - 0.01, eval_due=False)[0]
+    assert 0.97 < p_last < 1.0
     assert not progress.at(120, 60 - 1.0 - final - 0.01, eval_due=False)[1]
     assert progress.at(120, 60 - 1.0 - final + 0.01, eval_due=False)[1]
     # an eval due now costs its time too
