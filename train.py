@@ -52,6 +52,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel as DDP
 
+import allocator
 import rundir
 from checkpoint import load_checkpoint, save_checkpoint
 from configurator import HelpRequested, knob, parse
@@ -525,6 +526,8 @@ def train(config, model_config, log=print, live=None):
 
 def _train(config, model_config, log, live, ddp, device, t_start):
     device_type = device.split(":")[0]
+    if device_type == "cpu":
+        allocator.keep_freed_memory()  # a step reuses the memory the last one freed (allocator.py)
     if config.dtype == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
         raise ValueError("--dtype=bfloat16 but this GPU has no bfloat16 (use --dtype=float32)")
 
