@@ -259,9 +259,9 @@ def peak_memory(commands, interval=0.005):
 
 def train_command(flags, out_dir, data_dir="data", dataset="shakespeare_char", steps=5):
     """train.py with flags for a few steps (the allocator's peak settles after about 3) and
-    two evals with their checkpoints, on the CPU."""
+    two evals with their checkpoints, on the CPU; a step run even for a config with a time budget."""
     return [sys.executable, "train.py", *flags, f"--data_dir={data_dir}", f"--dataset={dataset}", f"--out_dir={out_dir}",
-            "--device=cpu", f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
+            "--device=cpu", "--time_budget=0", f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
             "--sample_chars=0", "--eval_sample_chars=0", "--compile=False"]
 
 

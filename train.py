@@ -7,7 +7,7 @@
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
     python train.py config/shakespeare_char.py --time_budget=30     # as good a model as 30 minutes give here
-    python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
+    python train.py config/shakespeare_char_cpu.py --time_budget=0 --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
 
 Settings come from the dataclass defaults below, then the config file, then --key=value

@@ -27,7 +27,7 @@ def test_train_and_sample_a_non_latin_text(tmp_path, capsys):
     code = train.main([
         os.path.join(ROOT, "config", "shakespeare_char_cpu.py"), "--dataset=mytext", f"--data_dir={data_dir}",
         f"--out_dir={out}", "--n_layer=2", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8",
-        "--max_iters=20", "--eval_interval=10", "--eval_iters=2", "--warmup_iters=0", "--lr_decay_iters=20",
+        "--time_budget=0", "--max_iters=20", "--eval_interval=10", "--eval_iters=2", "--warmup_iters=0", "--lr_decay_iters=20",
         "--device=cpu", "--dtype=float32", "--sample_chars=30", "--eval_sample_chars=30", "--log_interval=10",
     ])
     log = capsys.readouterr().out
