@@ -29,7 +29,6 @@ import os
 
 import torch
 
-
 FLOAT = 4  # bytes of a float32
 # what a run takes besides its tensors: PyTorch's kernels and thread pools on the first
 # steps, matplotlib for loss.png; measured 99-105 MiB on a model of a few kB (bench.py memory)

@@ -32,11 +32,11 @@ def orthogonalize(G, steps=5, eps=1e-7):
     if transposed:
         X = X.mT  # (small, large): the products below are then (small, small)
     shape = X.shape
-    X = X.reshape(-1, *shape[-2:])  # (n, m, n): a stack, for the batched products
+    X = X.reshape(-1, *shape[-2:])  # (k, m, n): a stack of k, for the batched products
     for _ in range(steps):
-        A = X @ X.mT  # (n, m, m)
+        A = X @ X.mT  # (k, m, m)
         B = torch.baddbmm(A, A, A, beta=b, alpha=c)  # b A + c A A, in one call
-        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X: (n, m, n)
+        X = torch.baddbmm(X, B, X, beta=a)  # a X + B X: (k, m, n)
     X = X.reshape(shape)
     return X.mT if transposed else X
 
