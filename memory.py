@@ -21,7 +21,7 @@ The count of what autograd saves is checked by a test against autograd itself, f
 model variant. What the count cannot see (short-lived tensors, blocks the allocator keeps
 for the next step, PyTorch's own workspace) is covered by factors measured against the peak
 anonymous memory of real runs (bench.py memory, the table in the README): there the peak
-of runs of 100 MiB and more was 0.90-1.25x the estimate. A test holds it within
+of runs of 100 MiB and more was 0.81-1.25x the estimate. A test holds it within
 ESTIMATE_FACTOR either way.
 """
 
@@ -35,7 +35,7 @@ FLOAT = 4  # bytes of a float32
 RUNTIME_BYTES = 100 * 2**20
 # the memory a step's activations take is more than their bytes: short-lived tensors in
 # forward and backward, and the allocator keeping freed blocks for the next step (the peak
-# settles after about 3 steps); with 1.4 the measured training peaks were 0.97-1.25x the
+# settles after about 3 steps); with 1.4 the measured training peaks were 0.81-1.25x the
 # estimate (bench.py memory)
 ACTIVATION_SLACK = 1.4
 # a forward without autograd holds at most the residual stream and FeedForward's hidden
