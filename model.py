@@ -303,11 +303,7 @@ class MultiHeadAttention(nn.Module):
 
     def forward(self, x, cache=None, layer=0):
         B, T, C = x.shape
-        nh = self.n_head
-        # the queries, keys and values of every head, as 3 x nh heads (B, 3nh, T, hs)
-        qkv = self.qkv(x).view(B, T, 3 * nh, self.head_size).transpose(1, 2)
-        q, k = self.compare_form(qkv[:, : 2 * nh]).split(nh, dim=1)  # (B, nh, T, hs) each
-        v = qkv[:, 2 * nh :]  # (B, nh, T, hs)
+        q, k, v = self.qkv_by_head(x)  # (B, nh, T, hs) each
         if cache is None:
             out = F.scaled_dot_product_attention(
                 q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
@@ -321,6 +317,15 @@ class MultiHeadAttention(nn.Module):
         if self.proj is not None:
             out = self.proj(out)  # (B, T, C)
         return self.dropout(out)
+
+    def qkv_by_head(self, x):
+        """The queries, keys and values of every head for x (B, T, C), (B, nh, T, hs) each; the
+        queries and keys in the form attention compares them (compare_form)."""
+        B, T, C = x.shape
+        nh = self.n_head
+        qkv = self.qkv(x).view(B, T, 3 * nh, self.head_size).transpose(1, 2)  # (B, 3nh, T, hs): 3 x nh heads
+        q, k = self.compare_form(qkv[:, : 2 * nh]).split(nh, dim=1)  # (B, nh, T, hs) each
+        return q, k, qkv[:, 2 * nh :]
 
     def compare_form(self, qk, start=0):
         """Queries and keys side by side (B, 2nh, T, hs: the queries first) at positions start..
@@ -337,9 +342,8 @@ class MultiHeadAttention(nn.Module):
         """The attention weights (B, nh, T, T) of every head, written out as in the lecture:
         q·kᵀ scaled by head_size**-0.5, the tril mask, softmax. Row t says how much position t
         takes from each of positions 0..t; forward computes the same in a fused kernel."""
-        B, T, C = x.shape
-        qkv = self.qkv(x).view(B, T, 3 * self.n_head, self.head_size).transpose(1, 2)  # (B, 3nh, T, hs)
-        q, k = self.compare_form(qkv[:, : 2 * self.n_head]).split(self.n_head, dim=1)  # (B, nh, T, hs) each
+        T = x.shape[1]
+        q, k, _ = self.qkv_by_head(x)  # (B, nh, T, hs) each
         wei = q @ k.transpose(-2, -1) * self.head_size**-0.5  # (B, nh, T, T)
         tril = torch.ones(T, T, dtype=torch.bool, device=x.device).tril()
         return F.softmax(wei.masked_fill(~tril, float("-inf")), dim=-1)  # (B, nh, T, T)
