@@ -134,7 +134,7 @@ class RunProgress:
         here (with its final eval) instead of taking another step. eval_due: an eval is due
         at this step anyway."""
         if not self.budget:
-            return step_progress(it, self.config), it == self.config.max_iters
+            return step_progress(it, self.config), it >= self.config.max_iters
         # the steps end where the time for the end of the run begins: the schedule ends there
         steps_end = self.budget - self.final_seconds()
         p = 1.0 if steps_end <= 0 else min(1.0, elapsed / steps_end)

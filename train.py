@@ -436,6 +436,16 @@ def check_memory(config, model_config, device, dtype, ddp):
     except ValueError as e:
         error = e
     ddp.agree(error)
+def check_resume_steps(checkpoint, path, config):
+    """A step run resumed with --max_iters below the checkpoint's step would never reach it
+    (the loop stops when the step equals max_iters) and would go on rewriting the trained
+    model: refuse it, naming both numbers."""
+    done = checkpoint["iter_num"]
+    if not config.time_budget and config.max_iters < done:
+        raise ValueError(f"--max_iters={config.max_iters} is below step {done}, where {path} already is: "
+                         f"pass a --max_iters above {done} to train on (max_iters counts the whole run)")
+
+
 def budget_change_note(checkpoint, path, config):
     """A note when a resumed run's time_budget differs from its checkpoint's, else None. The
     new setting wins, as a new max_iters does: it counts the whole run, the time spent
@@ -544,6 +554,7 @@ def _train(config, model_config, log, live, ddp, device, t_start):
         if saved != config.optimizer:
             raise ValueError(f"--optimizer={config.optimizer} differs from the {saved!r} that {ckpt_path} was trained with")
         model_config = resume_model_config(checkpoint, ckpt_path, model_config, tokenizer)
+        check_resume_steps(checkpoint, ckpt_path, config)
     model_config.validate()
     for split, data in (("train", train_data), ("val", val_data)):
         if len(data) <= model_config.block_size:

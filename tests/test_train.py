@@ -212,3 +212,16 @@ def test_resume_is_exact_with_either_data_order(data_dir, tmp_path, order):
     a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
     b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_resume_with_max_iters_below_the_checkpoint_is_refused(data_dir, tmp_path):
+    """Resuming a run at step 10 with --max_iters=5 would never stop (the loop ends when the
+    step equals max_iters): it is refused in one line, and the checkpoint stays as it was."""
+    run(data_dir, tmp_path / "o", max_iters=10, eval_interval=5, sample_chars=0)
+    before = (tmp_path / "o" / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--max_iters=5 is below step 10, where .*ckpt.pt already is"):
+        run(data_dir, tmp_path / "o", init_from="resume", max_iters=5)
+    assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
+    # at the checkpoint's own step there is nothing left to train: it ends at once
+    summary, _ = run(data_dir, tmp_path / "o", init_from="resume", max_iters=10, sample_chars=0)
+    assert summary["iter_num"] == 10
