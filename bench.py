@@ -6,7 +6,7 @@
     python bench.py sample                               # KV-cache vs uncached generation, each decode
                                                          # dtype, and what --decode_dtype=auto picks
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
-    python bench.py memory --out_dir=out-cpu             # memory.py's estimate against the measured peak (Linux)
+    python bench.py memory --out_dir=out-cpu             # chargpt/memory.py's estimate against the measured peak (Linux)
 
 Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
 or small machine are noisy: compare the figures of one run with each other.
@@ -15,6 +15,7 @@ or small machine are noisy: compare the figures of one run with each other.
 import argparse
 import dataclasses
 import os
+import re
 import subprocess
 import sys
 import tempfile
@@ -22,19 +23,21 @@ import time
 
 import torch
 
-import memory
-import sample
-import train
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from configurator import parse
-from decode_dtype import DECODE_DTYPES, pick_decode_dtype
+from chargpt import memory
+from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chargpt.config import SampleConfig, TrainConfig, parse
+from chargpt.data import load_dataset
+from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
+from chargpt.machine import autocast_context, resolve_device, resolve_dtype
+from chargpt.optim import make_optimizer, train_step
 from model import GPT, Dropout, GPTConfig, build_model
-from precision import autocast_context, resolve_dtype
+
+ROOT = os.path.dirname(os.path.abspath(__file__))
 
 
 def load_configs(config_path, overrides):
     argv = ([config_path] if config_path else []) + list(overrides)
-    (config, model_config), _ = parse(argv, [train.TrainConfig(), GPTConfig()], "bench.py ...")
+    (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], "bench.py ...")
     return config, model_config
 
 
@@ -55,7 +58,7 @@ def time_steps(config, model_config, iters, warmup, reference=False):
     plain implementation runs: float32, eager, foreach AdamW (whatever --optimizer says),
     PyTorch's nn.Dropout, and the lecture's dropout on the attention weights too (which keeps
     SDPA off its fused kernel while training)."""
-    device = train.resolve_device(config.device)
+    device = resolve_device(config.device)
     device_type = device.split(":")[0]
     if reference:
         model_config = dataclasses.replace(model_config, attn_dropout=model_config.dropout)
@@ -68,19 +71,21 @@ def time_steps(config, model_config, iters, warmup, reference=False):
                 if isinstance(child, Dropout):
                     setattr(module, name, torch.nn.Dropout(child.p))
     model.train()
-    dtype = "float32" if reference else resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
+    dtype = (
+        "float32" if reference else resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
+    )
     ctx = autocast_context(device_type, dtype)
-    optimizer = train.make_optimizer(model, config, device_type, fused=not reference)
+    optimizer = make_optimizer(model, config, device_type, fused=not reference)
     step_model = model if reference or not config.compile else torch.compile(model)
     batches = RandomBatches(65, model_config.block_size, config.batch_size)
     t0 = time.perf_counter()
     for _ in range(warmup):  # the first steps compile and warm the allocator
-        train.train_step(step_model, optimizer, batches, config, ctx, device)
+        train_step(step_model, optimizer, batches, config, ctx, device)
     sync(device)
     compile_s = time.perf_counter() - t0 if config.compile and not reference else 0.0
     t0 = time.perf_counter()
     for _ in range(iters):
-        loss = train.train_step(step_model, optimizer, batches, config, ctx, device)
+        loss = train_step(step_model, optimizer, batches, config, ctx, device)
     loss.item()
     sync(device)
     return (time.perf_counter() - t0) / iters * 1000, compile_s, dtype, model
@@ -98,9 +103,11 @@ def throughput_row(name, ms, tokens_per_iter, flops_per_iter):
 def bench_train(args, overrides):
     config, model_config = load_configs(args.config, overrides)
     tokens = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
-    print(f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
-          f"batch {config.batch_size} x {config.gradient_accumulation_steps}, dropout {model_config.dropout}, "
-          f"{args.iters} timed steps after {args.warmup} warm-up steps, {torch.get_num_threads()} threads")
+    print(
+        f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
+        f"batch {config.batch_size} x {config.gradient_accumulation_steps}, dropout {model_config.dropout}, "
+        f"{args.iters} timed steps after {args.warmup} warm-up steps, {torch.get_num_threads()} threads"
+    )
     fast_ms, compile_s, dtype, model = time_steps(config, model_config, args.iters, args.warmup)
     ref_ms, _, _, _ = time_steps(config, model_config, args.iters, args.warmup, reference=True)
     flops = model.flops_per_token() * tokens
@@ -111,7 +118,11 @@ def bench_train(args, overrides):
     if muon:  # Muon's own cost, apart from the kernels'
         adamw_ms, _, _, _ = time_steps(dataclasses.replace(config, optimizer="adamw"), model_config, args.iters, args.warmup)
         print(throughput_row(f"fast ({kernels}, fused AdamW)", adamw_ms, tokens, flops))
-    print(throughput_row("reference (float32, eager, foreach AdamW, nn.Dropout, lecture's attention dropout)", ref_ms, tokens, flops))
+    print(
+        throughput_row(
+            "reference (float32, eager, foreach AdamW, nn.Dropout, lecture's attention dropout)", ref_ms, tokens, flops
+        )
+    )
     speedup = f"speed-up {ref_ms / fast_ms:.2f}x"
     if muon:
         speedup += f" with Muon's extra work per step, {ref_ms / adamw_ms:.2f}x with AdamW"
@@ -127,34 +138,47 @@ def bench_sizes(args, overrides):
         config = dataclasses.replace(config, batch_size=args.batch_size)
         ms, _, _, model = time_steps(config, model_config, args.iters, args.warmup)
         tokens = args.batch_size * 256
-        print(f"| {n_layer} x {n_embd} | {model.num_params() / 1e6:.1f}M | {ms:,.0f} | {tokens / ms * 1000:,.0f} | "
-              f"{model.flops_per_token() * tokens / ms / 1e9:.3f} |")
+        print(
+            f"| {n_layer} x {n_embd} | {model.num_params() / 1e6:.1f}M | {ms:,.0f} | {tokens / ms * 1000:,.0f} | "
+            f"{model.flops_per_token() * tokens / ms / 1e9:.3f} |"
+        )
 
 
 LOSS_OUT_DIR = "out-bench"
 
 
 def bench_loss(args, overrides):
-    """Train the recipe for real and report when the val loss first reached the target."""
+    """Train the recipe for real (python train.py, as a user would) and report when the val
+    loss first reached the target."""
     # out-bench is this benchmark's own scratch folder, trained afresh by every run; a folder
     # given with --out_dir is protected as train.py protects it (add --overwrite=True to reuse it)
     scratch = ["--overwrite=True"] if args.out_dir == LOSS_OUT_DIR else []
-    config, model_config = load_configs(args.config, [f"--out_dir={args.out_dir}", *scratch, *overrides])
+    command = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        *([args.config] if args.config else []),
+        f"--out_dir={args.out_dir}",
+        *scratch,
+        *overrides,
+    ]
     t_start = time.time()
-    reached = []
-
-    def log(msg):
-        print(msg, flush=True)
-        if msg.startswith("step ") and "val loss" in msg:
-            val = float(msg.rsplit("val loss ", 1)[1])
-            if val <= args.target and not reached:
-                reached.append((time.time() - t_start, msg.split(":")[0]))
-
-    summary = train.train(config, model_config, log=log)
-    wall = time.time() - t_start
-    print(f"best val loss {summary['best_val_loss']:.4f}, {summary['iter_num']} steps, {wall:.1f}s wall time in all")
+    reached, best, steps, tail = None, None, None, []
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        for line in proc.stdout:
+            print(line, end="", flush=True)
+            tail = (tail + [line])[-5:]
+            found = re.match(r"step (\d+): train loss \S+, val loss (\d+\.\d+)", line)
+            if found and float(found[2]) <= args.target and reached is None:
+                reached = (time.time() - t_start, int(found[1]))
+            done = re.match(r"done: .*?([\d,]+) steps in .*best val loss (\d+\.\d+)", line)
+            if done:
+                steps, best = int(done[1].replace(",", "")), float(done[2])
+    if proc.returncode != 0:
+        # train.py's own one-line error says what went wrong
+        raise ValueError(tail[-1].strip().removeprefix("train.py: error: ") if tail else f"{' '.join(command)} failed")
+    print(f"best val loss {best:.4f}, {steps} steps, {time.time() - t_start:.1f}s wall time in all (the whole command)")
     if reached:
-        print(f"val loss <= {args.target} first at {reached[0][1]}, {reached[0][0]:.1f}s after the start")
+        print(f"val loss <= {args.target} first at step {reached[1]}, {reached[0]:.1f}s after the start")
     else:
         print(f"val loss never reached {args.target}")
 
@@ -176,14 +200,16 @@ def bench_sample(args, overrides):
     else:
         auto = {1: args.decode_dtype, 10: args.decode_dtype}
     picked_in = time.perf_counter() - t0
-    print(f"{where}; {torch.get_num_threads()} threads; decode dtype {auto[1]} for one sample, {auto[10]} for 10"
-          + (f" (auto: {picked_in:.2f}s of timing for both)" if args.decode_dtype == "auto" else ""))
+    print(
+        f"{where}; {torch.get_num_threads()} threads; decode dtype {auto[1]} for one sample, {auto[10]} for 10"
+        + (f" (auto: {picked_in:.2f}s of timing for both)" if args.decode_dtype == "auto" else "")
+    )
 
     def seconds(n, kv_cache, batch=1, dtype=auto[1]):
         idx = torch.zeros(batch, 1, dtype=torch.long)
         generator = torch.Generator().manual_seed(0)
         t0 = time.perf_counter()
-        for _ in model.generate(idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=DECODE_DTYPES[dtype]):
+        for _ in generate(model, idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=DECODE_DTYPES[dtype]):
             pass
         return time.perf_counter() - t0
 
@@ -206,8 +232,10 @@ def bench_sample(args, overrides):
     for batch, what in ((1, "one sample"), (10, "10 samples")):
         best = max(dtypes, key=lambda dtype: max(rates[dtype, batch]))
         rate, best_rate = max(rates[auto[batch], batch]), max(rates[best, batch])
-        print(f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
-              f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})")
+        print(
+            f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
+            f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})"
+        )
     if args.repeats > 1:
         print(f"(a row's passes differ by up to {spread:.0%}: that much is noise)")
     lengths = sorted({max(1, n // 10), max(1, n // 3), n})
@@ -216,12 +244,12 @@ def bench_sample(args, overrides):
         print(f"| {m} | {seconds(m, True):.2f} | {seconds(m, False):.2f} |")
 
 
-ROOT = os.path.dirname(os.path.abspath(__file__))
 # what train.py and sample.py have resident when they check the memory: Python, PyTorch and
 # the project's modules imported, and for sampling the model loaded
 TRAIN_BASELINE = "import train"
-SAMPLE_BASELINE = ("import sys, sample; from checkpoint import *; "
-                   "model_from_checkpoint(load_checkpoint(find_checkpoint(sys.argv[1])))")
+SAMPLE_BASELINE = (
+    "import sys, sample; from chargpt.checkpoint import *; model_from_checkpoint(load_checkpoint(find_checkpoint(sys.argv[1])))"
+)
 
 
 def peak_memory(commands, interval=0.005):
@@ -260,16 +288,30 @@ def peak_memory(commands, interval=0.005):
 def train_command(flags, out_dir, data_dir="data", dataset="shakespeare_char", steps=5):
     """train.py with flags for a few steps (the allocator's peak settles after about 3) and
     two evals with their checkpoints, on the CPU; a step run even for a config with a time budget."""
-    return [sys.executable, "train.py", *flags, f"--data_dir={data_dir}", f"--dataset={dataset}", f"--out_dir={out_dir}",
-            "--device=cpu", "--time_budget=0", f"--max_iters={steps}", f"--eval_interval={steps}", "--eval_iters=1", "--log_interval=1",
-            "--sample_chars=0", "--eval_sample_chars=0", "--compile=False"]
+    return [
+        sys.executable,
+        "train.py",
+        *flags,
+        f"--data_dir={data_dir}",
+        f"--dataset={dataset}",
+        f"--out_dir={out_dir}",
+        "--device=cpu",
+        "--time_budget=0",
+        f"--max_iters={steps}",
+        f"--eval_interval={steps}",
+        "--eval_iters=1",
+        "--log_interval=1",
+        "--sample_chars=0",
+        "--eval_sample_chars=0",
+        "--compile=False",
+    ]
 
 
 def train_estimate(flags, data_dir="data", dataset="shakespeare_char"):
-    """memory.py's estimate in bytes for train.py with flags (a config file first, or not)."""
+    """chargpt/memory.py's estimate in bytes for train.py with flags (a config file first, or not)."""
     config_path = flags[0] if flags and flags[0].endswith(".py") else None
     config, model_config = load_configs(config_path, flags[1:] if config_path else flags)
-    _, _, tokenizer = train.load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
+    _, _, tokenizer = load_dataset(dataclasses.replace(config, data_dir=data_dir, dataset=dataset))
     model_config.vocab_size = tokenizer.vocab_size
     dtype = resolve_dtype(config.dtype, "cpu")  # auto: float32, the larger estimate
     return sum(memory.training_bytes(model_config, config.batch_size, config.optimizer, dtype).values())
@@ -280,10 +322,10 @@ def sample_command(out_dir, flags):
 
 
 def sample_estimate(out_dir, flags):
-    """memory.py's estimate in bytes for sample.py with flags on the checkpoint in out_dir."""
-    (config,), _ = parse(flags, [sample.SampleConfig()], "sample.py", config_file=False)
+    """chargpt/memory.py's estimate in bytes for sample.py with flags on the checkpoint in out_dir."""
+    (config,), _ = parse(flags, [SampleConfig()], "sample.py", config_file=False)
     model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(out_dir)))
-    return sum(sample.memory_parts(config, model, len(sample.read_prompt(config.start))).values())
+    return sum(memory.generation_bytes(config, model, len(config.prompt())).values())
 
 
 # config/shakespeare_char.py without its architecture options: the lecture's Blocks
@@ -301,11 +343,14 @@ def bench_memory(args, overrides):
         ["config/lecture/8_dropout_scaled.py", "--dtype=bfloat16", "--batch_size=16"],
         ["config/lecture/8_dropout_scaled.py", "--dtype=float32"],
     ]
-    row = lambda flags, estimate, measured: (f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | "
-                                             f"{memory.format_bytes(measured)} | {measured / estimate:.2f} |")
+    row = lambda flags, estimate, measured: (
+        f"| {' '.join(flags)} | {memory.format_bytes(estimate)} | {memory.format_bytes(measured)} | {measured / estimate:.2f} |"
+    )
     baseline = peak_memory([[sys.executable, "-c", TRAIN_BASELINE]])[0]
-    print(f"train.py, 5 steps in a fresh process: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
-          f"`{TRAIN_BASELINE}`")
+    print(
+        f"train.py, 5 steps in a fresh process: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
+        f"`{TRAIN_BASELINE}`"
+    )
     print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
     for flags in runs:
         flags = flags + list(overrides)
@@ -314,19 +359,28 @@ def bench_memory(args, overrides):
         print(row(flags, train_estimate(flags), measured), flush=True)
     if args.out_dir:
         baseline = peak_memory([[sys.executable, "-c", SAMPLE_BASELINE, args.out_dir]])[0]
-        print(f"sample.py on {args.out_dir}: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
-              "the imports and the loaded model")
+        print(
+            f"sample.py on {args.out_dir}: its peak anonymous memory minus the {memory.format_bytes(baseline)} of "
+            "the imports and the loaded model"
+        )
         print("| run | estimate | measured | measured / estimate |\n|---|---|---|---|")
-        for flags in (["--num_samples=1", "--max_new_tokens=500"], ["--num_samples=1000", "--max_new_tokens=200"],
-                      ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],
-                      ["--num_samples=4000", "--max_new_tokens=100"], ["--num_samples=2", "--max_new_tokens=20000"]):
+        for flags in (
+            ["--num_samples=1", "--max_new_tokens=500"],
+            ["--num_samples=1000", "--max_new_tokens=200"],
+            ["--num_samples=1000", "--max_new_tokens=50", "--kv_cache=False"],
+            ["--num_samples=4000", "--max_new_tokens=100"],
+            ["--num_samples=2", "--max_new_tokens=20000"],
+        ):
             measured = peak_memory([sample_command(args.out_dir, flags)])[0] - baseline
             print(row(flags, sample_estimate(args.out_dir, flags), measured), flush=True)
 
 
 def main():
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     sub = parser.add_subparsers(dest="what", required=True)
     p = sub.add_parser("train", help="fast path vs float32 eager reference")
     p.add_argument("config")
@@ -339,20 +393,26 @@ def main():
     p = sub.add_parser("loss", help="wall time to a target val loss")
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
-    p.add_argument("--out_dir", default=LOSS_OUT_DIR,
-                   help=f"where train.py writes (default {LOSS_OUT_DIR}, trained afresh by every run)")
-    p = sub.add_parser("memory", help="memory.py's estimate against the measured peak")
+    p.add_argument(
+        "--out_dir", default=LOSS_OUT_DIR, help=f"where train.py writes (default {LOSS_OUT_DIR}, trained afresh by every run)"
+    )
+    p = sub.add_parser("memory", help="chargpt/memory.py's estimate against the measured peak")
     p.add_argument("--out_dir", default=None, help="a trained checkpoint to measure sample.py's estimate on too")
     p = sub.add_parser("sample", help="generation speed")
     p.add_argument("--out_dir", default=None)
     p.add_argument("--new_tokens", type=int, default=1000)
     p.add_argument("--repeats", type=int, default=2, help="passes over the rows, interleaved; each row keeps its best")
-    p.add_argument("--decode_dtype", default="auto", choices=["auto", "float32", "float16", "bfloat16", "int8"],
-                   help="sample.py's --decode_dtype: the pick compared with the rows, and the dtype of the lengths table")
+    p.add_argument(
+        "--decode_dtype",
+        default="auto",
+        choices=["auto", "float32", "float16", "bfloat16", "int8"],
+        help="sample.py's --decode_dtype: the pick compared with the rows, and the dtype of the lengths table",
+    )
     args, overrides = parser.parse_known_args()
     try:
-        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample,
-         "memory": bench_memory}[args.what](args, overrides)
+        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "memory": bench_memory}[
+            args.what
+        ](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 1

@@ -36,11 +36,12 @@ import time
 
 import torch
 
-import train
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from configurator import parse
-from eval import evaluate
-from metrics import format_duration
+from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chargpt.config import TrainConfig, parse
+from chargpt.data import load_dataset
+from chargpt.evaluate import evaluate
+from chargpt.machine import resolve_device
+from chargpt.metrics import format_duration
 from model import GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -89,7 +90,7 @@ class Run:
         # each run of the ladder trains its stages afresh (the folders are the ladder's own)
         self.argv = [path, f"--out_dir={out_dir}", f"--seed={seed}", "--overwrite=True", *overrides]
         # the settings train.py will use, read the way it reads them (errors name the flag)
-        (self.config, _), _ = parse(self.argv, [train.TrainConfig(), GPTConfig()], "ladder.py")
+        (self.config, _), _ = parse(self.argv, [TrainConfig(), GPTConfig()], "ladder.py")
         self.iter, self.init_val, self.val, self.seconds = 0, None, None, None
 
     def start(self, threads, events):
@@ -97,8 +98,14 @@ class Run:
         self.t_start = time.time()
         self.stderr = tempfile.TemporaryFile(mode="w+", encoding="utf-8")
         env = {**os.environ, **({"OMP_NUM_THREADS": str(threads)} if threads else {})}
-        self.proc = subprocess.Popen([sys.executable, os.path.join(ROOT, "train.py"), *self.argv], cwd=os.getcwd(),
-                                     stdout=subprocess.PIPE, stderr=self.stderr, text=True, env=env)
+        self.proc = subprocess.Popen(
+            [sys.executable, os.path.join(ROOT, "train.py"), *self.argv],
+            cwd=os.getcwd(),
+            stdout=subprocess.PIPE,
+            stderr=self.stderr,
+            text=True,
+            env=env,
+        )
 
         def read():  # a thread per run, so that two runs' lines arrive as they come
             for line in self.proc.stdout:
@@ -153,16 +160,18 @@ class Progress:
         self.finished += 1
         if self.live:
             self.stream.write("\r\x1b[K")
-        self.stream.write(f"stage {run.number} {run.adds}, seed {run.seed}: val loss {val:.4f} (whole split), "
-                          f"{format_duration(run.seconds)} [{self.finished}/{self.total}]\n")
+        self.stream.write(
+            f"stage {run.number} {run.adds}, seed {run.seed}: val loss {val:.4f} (whole split), "
+            f"{format_duration(run.seconds)} [{self.finished}/{self.total}]\n"
+        )
         self.stream.flush()
 
 
 def score(run):
     """The whole-split val loss of a finished run's best.pt, and its parameter count."""
-    device = train.resolve_device(run.config.device)
+    device = resolve_device(run.config.device)
     model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(run.config.out_dir), device), device)
-    _, val_data, _ = train.load_dataset(run.config)
+    _, val_data, _ = load_dataset(run.config)
     val, _, _ = evaluate(model, val_data, model.config.block_size, batch_size=256, device=device)
     return val, model.num_params()
 
@@ -205,24 +214,36 @@ def rows_of(stages, runs, results):
         lecture = LECTURE_VAL_LOSS.get(number)
         mean = sum(vals) / len(vals)
         inits = [r.init_val for r in mine if r.init_val is not None]
-        rows.append({
-            "stage": number, "adds": mine[0].adds, "params": results[mine[0]][1], "vals": vals, "val": mean,
-            "init": sum(inits) / len(inits) if inits else None, "lecture": lecture,
-            "diff": None if lecture is None else mean - lecture, "seconds": sum(r.seconds for r in mine) / len(mine),
-        })
+        rows.append(
+            {
+                "stage": number,
+                "adds": mine[0].adds,
+                "params": results[mine[0]][1],
+                "vals": vals,
+                "val": mean,
+                "init": sum(inits) / len(inits) if inits else None,
+                "lecture": lecture,
+                "diff": None if lecture is None else mean - lecture,
+                "seconds": sum(r.seconds for r in mine) / len(mine),
+            }
+        )
     return rows
 
 
 def table(rows):
-    lines = ["| stage | what it adds | parameters | val loss at step 0 | the lecture's val loss | ours | difference | wall time per run |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| stage | what it adds | parameters | val loss at step 0 | the lecture's val loss | ours | difference | wall time per run |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
         ours = f"{r['val']:.4f}" + (f" ({min(r['vals']):.4f}-{max(r['vals']):.4f})" if len(r["vals"]) > 1 else "")
         lecture = "-" if r["lecture"] is None else f"{r['lecture']:.2f}"
         diff = "-" if r["diff"] is None else f"{r['diff']:+.3f}"
         init = "-" if r["init"] is None else f"{r['init']:.2f}"
-        lines.append(f"| {r['stage']} | {r['adds']} | {r['params']:,} | {init} | {lecture} | {ours} | {diff} | "
-                     f"{format_duration(r['seconds'])} |")
+        lines.append(
+            f"| {r['stage']} | {r['adds']} | {r['params']:,} | {init} | {lecture} | {ours} | {diff} | "
+            f"{format_duration(r['seconds'])} |"
+        )
     return "\n".join(lines)
 
 
@@ -239,8 +260,13 @@ def plot(rows, path):
     lecture = [(i, r["lecture"]) for i, r in zip(x, rows) if r["lecture"] is not None]
     bars = ax.bar([i - width / 2 for i, _ in lecture], [v for _, v in lecture], width, label="the lecture", color="tab:gray")
     ax.bar_label(bars, fmt="%.2f", fontsize=8)
-    bars = ax.bar([i + width / 2 for i in x], [r["val"] for r in rows], width, label="ours (whole val split, mean over seeds)",
-                  color="tab:blue")
+    bars = ax.bar(
+        [i + width / 2 for i in x],
+        [r["val"] for r in rows],
+        width,
+        label="ours (whole val split, mean over seeds)",
+        color="tab:blue",
+    )
     ax.bar_label(bars, fmt="%.2f", fontsize=8, padding=8)
     for i, r in zip(x, rows):  # each seed's figure, to show the spread
         ax.plot([i + width / 2] * len(r["vals"]), r["vals"], ".", color="black", ms=4)
@@ -256,14 +282,24 @@ def plot(rows, path):
 
 
 def main(argv=None):
-    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter,
-                                     epilog=__doc__.split("\n\n", 1)[1])
+    parser = argparse.ArgumentParser(
+        description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog=__doc__.split("\n\n", 1)[1],
+    )
     parser.add_argument("--stages", default="1-7", help="which stages: '1-7' (the default), '2,3', '1,4-6'")
-    parser.add_argument("--with-scaled", "--with_scaled", dest="with_scaled", action="store_true",
-                        help="add stage 8, the lecture's full recipe (hours on a CPU; about 15 minutes on an A100)")
+    parser.add_argument(
+        "--with-scaled",
+        "--with_scaled",
+        dest="with_scaled",
+        action="store_true",
+        help="add stage 8, the lecture's full recipe (hours on a CPU; about 15 minutes on an A100)",
+    )
     parser.add_argument("--seeds", type=int, default=3, help="runs per stage, seeded 1337, 1338, ...; the table shows their mean")
     parser.add_argument("--jobs", type=int, default=2, help="small-stage runs at once, one thread each")
-    parser.add_argument("--out_dir", default="out-ladder", help="where the runs go (OUT_DIR/N_name), and ladder.md and ladder.png")
+    parser.add_argument(
+        "--out_dir", default="out-ladder", help="where the runs go (OUT_DIR/N_name), and ladder.md and ladder.png"
+    )
     args, overrides = parser.parse_known_args(argv)
     try:
         if args.seeds < 1 or args.jobs < 1:
@@ -272,15 +308,20 @@ def main(argv=None):
         chosen = parse_stages(args.stages, stages)
         if args.with_scaled and SCALED not in chosen:
             chosen.append(SCALED)
-        first_seed = train.TrainConfig().seed
-        runs = [Run(n, stages[n][1], stages[n][0], first_seed + s, args.out_dir, overrides, first_seed)
-                for n in chosen for s in range(args.seeds)]
+        first_seed = TrainConfig().seed
+        runs = [
+            Run(n, stages[n][1], stages[n][0], first_seed + s, args.out_dir, overrides, first_seed)
+            for n in chosen
+            for s in range(args.seeds)
+        ]
         os.makedirs(args.out_dir, exist_ok=True)
         progress = Progress(sys.stdout, len(runs))
         all_threads = torch.get_num_threads()
         torch.set_num_threads(1)  # this process only scores the runs, beside the ones training
-        results = run_all([r for r in runs if r.number != SCALED], args.jobs, 1, progress)
-        torch.set_num_threads(all_threads)
+        try:
+            results = run_all([r for r in runs if r.number != SCALED], args.jobs, 1, progress)
+        finally:
+            torch.set_num_threads(all_threads)
         results.update(run_all([r for r in runs if r.number == SCALED], 1, None, progress))
     except (ValueError, OSError) as e:
         if sys.stdout.isatty():
@@ -292,10 +333,16 @@ def main(argv=None):
     with open(os.path.join(args.out_dir, "ladder.md"), "w", encoding="utf-8") as f:
         f.write(text + "\n")
     print("\n" + text)
-    print(f"\n{len(runs)} runs in {format_duration(time.time() - progress.t_start)}; the table is in "
-          f"{os.path.join(args.out_dir, 'ladder.md')}")
+    print(
+        f"\n{len(runs)} runs in {format_duration(time.time() - progress.t_start)}; the table is in "
+        f"{os.path.join(args.out_dir, 'ladder.md')}"
+    )
     png = os.path.join(args.out_dir, "ladder.png")
-    print(f"the plot: {png}" if plot(rows, png) else "note: matplotlib is not installed, so there is no ladder.png (pip install matplotlib)")
+    print(
+        f"the plot: {png}"
+        if plot(rows, png)
+        else "note: matplotlib is not installed, so there is no ladder.png (pip install matplotlib)"
+    )
     return 0
 
 

@@ -9,6 +9,8 @@ The lecture's classes, in the order it builds them:
                           each wrapped in a residual connection
     GPT                   token + position embeddings, n_layer Blocks, final LayerNorm, lm_head
     BigramLanguageModel   the lecture's baseline: the next character from the current one
+and, after them, the few pieces beyond the lecture that the options below need (Rotary,
+SquaredReLU, and a Dropout that is cheaper on the CPU).
 
 The lecture reaches this Block in steps, and GPTConfig can take each one back: no
 FeedForward or a narrow one (ffwd_mult), no projections back into the stream (proj), no
@@ -24,18 +26,13 @@ grow with depth; lm_head starts at zero so that the loss at init is exactly ln(v
 PyTorch's own initial weights instead, as the video did (the small stages learn much
 faster that way). The token embedding and lm_head are NOT tied, as in the lecture.
 
-Generation keeps a key/value cache (KVCache): the prompt is run once (GPT.prefill), then
-each new token costs one position (Decoder: the same math written flat for speed, its
-weights optionally in float16 or int8). Positions are learned for 0..block_size-1 only,
-so when the cache is full it is rebuilt from the last block_size // 2 tokens and decoding
-goes on (see GPT.generate). With kv_cache=False the lecture's loop runs instead: the whole
-context, cropped to the last block_size tokens, for every new token.
-
-This file only defines the network: no I/O, no argument parsing.
+generate is the lecture's: the whole context again for every new character. The fast
+generation that sample.py and serve.py use (a KV cache, temperature, top-k, top-p) is
+chargpt/engine.py, built from these modules. This file only defines the network: no I/O,
+no argument parsing, no cache.
 """
 
 import math
-import warnings
 from dataclasses import dataclass, field
 
 import torch
@@ -43,34 +40,43 @@ import torch.nn as nn
 import torch.nn.functional as F
 
 
+def knob(default, help, derived=False):
+    """A config field with its meaning, which train.py --help shows (derived: set from the data, not a flag)."""
+    return field(default=default, metadata={"help": help, "derived": derived})
+
+
 @dataclass
 class GPTConfig:
-    model_type: str = field(default="gpt", metadata={"help": "'gpt' (the lecture's transformer) or 'bigram' (the baseline)"})
-    block_size: int = field(default=256, metadata={"help": "context length: the most characters the model sees at once"})
-    vocab_size: int = field(default=65, metadata={"help": "number of distinct characters (taken from the data)", "derived": True})
-    n_layer: int = field(default=6, metadata={"help": "number of transformer Blocks"})
-    n_head: int = field(default=6, metadata={"help": "attention heads per Block (n_embd must divide by it)"})
-    n_embd: int = field(default=384, metadata={"help": "width of the residual stream"})
-    dropout: float = field(default=0.2, metadata={"help": "dropout on the residual branches while training"})
-    attn_dropout: float = field(default=0.0, metadata={"help": "dropout on the attention weights while training (the lecture: same as dropout)"})
+    model_type: str = knob("gpt", "'gpt' (the lecture's transformer) or 'bigram' (the baseline)")
+    block_size: int = knob(256, "context length: the most characters the model sees at once")
+    vocab_size: int = knob(65, "number of distinct characters (taken from the data)", derived=True)
+    n_layer: int = knob(6, "number of transformer Blocks")
+    n_head: int = knob(6, "attention heads per Block (n_embd must divide by it)")
+    n_embd: int = knob(384, "width of the residual stream")
+    dropout: float = knob(0.2, "dropout on the residual branches while training")
+    attn_dropout: float = knob(0.0, "dropout on the attention weights while training (the lecture: same as dropout)")
     # The lecture builds the Block one idea at a time; these switches take its steps back
     # (config/lecture/ walks them). The defaults are the finished model.
-    ffwd_mult: int = field(default=4, metadata={"help": "FeedForward's hidden width as a multiple of n_embd (0: no FeedForward)"})
-    residual: bool = field(default=True, metadata={"help": "add each branch of a Block back to x (False: its output replaces x)"})
-    proj: bool = field(default=True, metadata={"help": "a projection back to n_embd after the attention heads and at the end of FeedForward"})
-    layer_norm: bool = field(default=True, metadata={"help": "LayerNorm before each branch of a Block and before lm_head (pre-norm)"})
-    init: str = field(default="normal", metadata={"help": "'normal': N(0, 0.02) weights and a zero lm_head (see GPT._init_weights); 'pytorch': PyTorch's defaults, as in the lecture's video"})
+    ffwd_mult: int = knob(4, "FeedForward's hidden width as a multiple of n_embd (0: no FeedForward)")
+    residual: bool = knob(True, "add each branch of a Block back to x (False: its output replaces x)")
+    proj: bool = knob(True, "a projection back to n_embd after the attention heads and at the end of FeedForward")
+    layer_norm: bool = knob(True, "LayerNorm before each branch of a Block and before lm_head (pre-norm)")
+    init: str = knob("normal", "'normal': N(0, 0.02), lm_head zero (GPT._init_weights); 'pytorch': PyTorch's own, as the video")
     # Options from recent speed records, beyond the lecture; off by default (README: which recipe uses what).
-    activation: str = field(default="relu", metadata={"help": "FeedForward's nonlinearity: 'relu' (the lecture) or 'relu2' (squared ReLU)"})
-    position: str = field(default="learned", metadata={"help": "'learned': a position embedding table (the lecture); 'rotary': queries and keys rotated by position (RoPE), no table"})
-    qk_norm: bool = field(default=False, metadata={"help": "scale each head's queries and keys to unit RMS before their dot product"})
-    bias: bool = field(default=True, metadata={"help": "a bias in the Linear layers and LayerNorms (False: none, as in recent GPTs)"})
+    activation: str = knob("relu", "FeedForward's nonlinearity: 'relu' (the lecture) or 'relu2' (squared ReLU)")
+    position: str = knob("learned", "'learned': a position table (the lecture); 'rotary': q and k rotated by position (RoPE)")
+    qk_norm: bool = knob(False, "scale each head's queries and keys to unit RMS before their dot product")
+    bias: bool = knob(True, "a bias in the Linear layers and LayerNorms (False: none, as in recent GPTs)")
 
     def validate(self):
         """Raise ValueError naming the flag for a config that cannot build a model."""
         if self.model_type not in ("gpt", "bigram"):
             raise ValueError(f"--model_type must be 'gpt' or 'bigram', got {self.model_type!r}")
-        for key, allowed in (("init", ("normal", "pytorch")), ("activation", ("relu", "relu2")), ("position", ("learned", "rotary"))):
+        for key, allowed in (
+            ("init", ("normal", "pytorch")),
+            ("activation", ("relu", "relu2")),
+            ("position", ("learned", "rotary")),
+        ):
             if getattr(self, key) not in allowed:
                 raise ValueError(f"--{key} must be {' or '.join(repr(a) for a in allowed)}, got {getattr(self, key)!r}")
         if self.position == "rotary" and (self.n_embd // self.n_head) % 2:
@@ -86,8 +92,10 @@ class GPTConfig:
         if self.ffwd_mult < 0:
             raise ValueError(f"--ffwd_mult must be 0 or more, got {self.ffwd_mult}")
         if not self.proj and self.ffwd_mult > 1:
-            raise ValueError(f"--ffwd_mult={self.ffwd_mult} needs --proj=True: without the projection back, "
-                             "FeedForward's hidden layer is its output and must be n_embd wide (--ffwd_mult=1)")
+            raise ValueError(
+                f"--ffwd_mult={self.ffwd_mult} needs --proj=True: without the projection back, "
+                "FeedForward's hidden layer is its output and must be n_embd wide (--ffwd_mult=1)"
+            )
 
 
 class Head(nn.Module):
@@ -122,165 +130,6 @@ class Head(nn.Module):
         return wei @ v  # (B, T, T) @ (B, T, hs) -> (B, T, hs)
 
 
-class Dropout(nn.Module):
-    """nn.Dropout with a cheaper mask on the CPU.
-
-    PyTorch's CPU dropout draws one random number per element, and that drawing was most of
-    the cost of dropout: 0.1 on the residual branches made a training step of the 30-minute
-    recipe 67% slower here. This draws 64 random bits at a time and cuts them into four
-    16-bit numbers, one per element, kept when at or above p * 2**16 of the range: the
-    same Bernoulli(1 - p) mask, with p rounded to 1/65536, from the same seeded generator.
-    On other devices (CUDA draws masks in the kernel) it is plain F.dropout."""
-
-    def __init__(self, p):
-        super().__init__()
-        self.p = p
-
-    def forward(self, x):
-        if not self.training or self.p == 0:
-            return x
-        if x.device.type != "cpu":
-            return F.dropout(x, self.p, training=True)
-        n = x.numel()
-        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
-        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-32768, 32767]
-        keep = uniform16 >= round(self.p * 65536) - 32768  # true with probability 1 - p
-        return x * keep * (1.0 / (1.0 - self.p))
-
-
-class KVCache:
-    """Preallocated keys and values of every layer for generation, plus the position filled so far.
-
-    k[layer] and v[layer] are (B, n_head, block_size, head_size); positions 0..pos-1 hold data."""
-
-    def __init__(self, config, batch_size, device, dtype):
-        hs = config.n_embd // config.n_head
-        shape = (batch_size, config.n_head, config.block_size, hs)
-        self.k = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.v = [torch.zeros(shape, device=device, dtype=dtype) for _ in range(config.n_layer)]
-        self.pos = 0
-
-
-def decode_linear(weight, bias, dtype):
-    """x -> F.linear(x, weight, bias) with the weight stored in dtype for Decoder.
-
-    torch.int8: one int8 per weight with a scale per output row, and the input quantized to
-    8 bits on the fly at each call (PyTorch's dynamic-quantized CPU kernels, FBGEMM on x86):
-    a quarter of the float32 bytes. The input and output stay float32."""
-    if dtype != torch.int8:
-        w, b = weight.detach().to(dtype), None if bias is None else bias.detach().to(dtype)
-        return lambda x: F.linear(x, w, b)
-    if weight.device.type != "cpu":
-        raise ValueError(f"int8 decoding runs on the CPU only, not on {weight.device.type}")
-    weight = weight.detach().float()
-    scale = (weight.abs().amax(dim=1) / 127).clamp(min=1e-12).double()  # one scale per output row
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")  # quantized tensors are deprecated in favour of torchao, not a dependency
-            qweight = torch.quantize_per_channel(weight, scale, torch.zeros_like(scale, dtype=torch.long), 0, torch.qint8)
-            packed = torch.ops.quantized.linear_prepack(qweight, None if bias is None else bias.detach().float())
-    except (RuntimeError, AttributeError) as e:
-        raise ValueError(f"int8 decoding needs PyTorch's quantized CPU kernels, which this build lacks ({e})") from None
-    reduce_range = torch.backends.quantized.engine in ("x86", "fbgemm")  # 7-bit inputs keep x86's int16 sums exact
-    return lambda x: torch.ops.quantized.linear_dynamic(x, packed, reduce_range)
-
-
-class Decoder:
-    """GPT's decode step: one new token per sequence through every Block, its keys and
-    values appended to a KVCache that GPT.prefill started.
-
-    The same math as Block.forward at one position, written flat: a decode step does little
-    arithmetic, so on a CPU the nn.Module calls were a quarter of its time. The matrices may be a
-    copy in another dtype (float16 halves the bytes a step reads, int8 quarters them, and
-    reading them is most of its time); the keys and values stay in the cache's dtype. Tests
-    check the logits against GPT.forward."""
-
-    def __init__(self, model, dtype=None):
-        dtype = dtype or model.lm_head.weight.dtype
-        vec_dtype = torch.float32 if dtype == torch.int8 else dtype  # embeddings, LayerNorm, activations
-        v = lambda t: t.detach().to(vec_dtype)  # the same tensor when the dtype matches
-        # a piece that the lecture's earlier steps leave out (see GPTConfig) is None here
-        lin = lambda m: None if m is None else decode_linear(m.weight, m.bias, dtype)
-        norm = lambda m: (v(m.weight), None if m.bias is None else v(m.bias)) if isinstance(m, nn.LayerNorm) else None
-        self.n_head, self.C, self.residual = model.config.n_head, model.config.n_embd, model.config.residual
-        self.tok_emb = v(model.token_embedding_table.weight)
-        self.pos_emb = None if model.position_embedding_table is None else v(model.position_embedding_table.weight)
-        self.act = F.relu if model.config.activation == "relu" else lambda t: F.relu(t).square()
-        self.layers = []
-        for b in model.blocks:
-            fc, fc2 = (None, None) if b.ffwd is None else (b.ffwd.net[0], b.ffwd.net[2] if model.config.proj else None)
-            self.layers.append((norm(b.ln1), lin(b.sa.qkv), b.sa.compare_form, lin(b.sa.proj), norm(b.ln2), lin(fc), lin(fc2)))
-        self.ln_f = norm(model.ln_f)
-        self.lm_head = lin(model.lm_head)
-
-    def _norm(self, x, ln):
-        return x if ln is None else F.layer_norm(x, (self.C,), *ln)
-
-    def __call__(self, idx, cache):
-        """idx (B,) at position cache.pos -> logits (B, vocab_size)."""
-        B, C, nh, pos = idx.shape[0], self.C, self.n_head, cache.pos
-        assert pos < cache.k[0].shape[2], "the cache holds block_size positions"
-        x = self.tok_emb[idx] if self.pos_emb is None else self.tok_emb[idx] + self.pos_emb[pos]  # (B, C)
-        for layer, (ln1, qkv, compare_form, proj, ln2, fc, fc2) in enumerate(self.layers):
-            k_cache, v_cache = cache.k[layer], cache.v[layer]  # (B, nh, block_size, hs)
-            q_k_v = qkv(self._norm(x, ln1))  # (B, 3C)
-            q_k_v = q_k_v.to(k_cache.dtype).view(B, 3, nh, 1, C // nh)  # q, k, v of each head
-            q, k = compare_form(q_k_v[:, :2].flatten(1, 2), start=pos).split(nh, dim=1)  # (B, nh, 1, hs) each
-            k_cache[:, :, pos : pos + 1] = k
-            v_cache[:, :, pos : pos + 1] = q_k_v[:, 2]
-            # one query sees every cached position, so no mask
-            out = F.scaled_dot_product_attention(q, k_cache[:, :, : pos + 1], v_cache[:, :, : pos + 1])  # (B, nh, 1, hs)
-            a = out.view(B, C).to(x.dtype)  # (B, C)
-            a = a if proj is None else proj(a)  # (B, C)
-            x = x + a if self.residual else a
-            if fc is not None:
-                f = self.act(fc(self._norm(x, ln2)))  # (B, hidden)
-                f = f if fc2 is None else fc2(f)  # (B, C)
-                x = x + f if self.residual else f
-        cache.pos += 1
-        return self.lm_head(self._norm(x, self.ln_f))  # (B, vocab_size)
-
-
-class Rotary(nn.Module):
-    """Rotary position embedding (RoPE, Su et al. 2021), for GPTConfig.position='rotary'.
-
-    Each query and key is cut into pairs of channels (2i, 2i+1), and each pair is rotated by
-    an angle proportional to the position, faster for the first pairs than for the last. A
-    rotation by a at one position and b at another leaves their dot product depending on
-    b - a only: attention sees how far back a character is, not where it is. Nothing is
-    learned; it replaces the position embedding table.
-
-    A pair (x, y) is the complex number x + iy, and rotating it by angle a is multiplying it
-    by e^(ia) = cos a + i sin a: one multiplication per call, where the same rotation
-    written with real numbers takes seven operations (a step of config/shakespeare_char.py
-    was 16% slower than with the position table that way, 4% slower this way, measured on
-    the 2-core Xeon of the README)."""
-
-    def __init__(self, head_size, block_size, base=10000.0):
-        super().__init__()
-        half = head_size // 2
-        speeds = base ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,): radians per position
-        angles = torch.arange(block_size, dtype=torch.float32)[:, None] * speeds  # (block_size, hs/2)
-        # not in the state dict: they follow from the config (real buffers: module.to(dtype)
-        # would drop the imaginary part of a complex one)
-        self.register_buffer("cos", angles.cos(), persistent=False)
-        self.register_buffer("sin", angles.sin(), persistent=False)
-
-    def forward(self, x, start=0):
-        """x (..., T, hs) at positions start..start+T-1, rotated."""
-        T = x.shape[-2]
-        turn = torch.complex(self.cos[start : start + T].float(), self.sin[start : start + T].float())  # (T, hs/2): e^(i angle)
-        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, hs/2): channel 2i + i * channel 2i+1
-        return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)  # (..., T, hs)
-
-
-class SquaredReLU(nn.Module):
-    """relu(x)**2, for GPTConfig.activation='relu2' (So et al. 2021, "Primer")."""
-
-    def forward(self, x):
-        return F.relu(x).square()
-
-
 class MultiHeadAttention(nn.Module):
     """n_head Heads side by side, computed together.
 
@@ -301,30 +150,31 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.proj else None
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x, cache=None, layer=0):
+    def forward(self, x):
         B, T, C = x.shape
         q, k, v = self.qkv_by_head(x)  # (B, nh, T, hs) each
-        if cache is None:
-            out = F.scaled_dot_product_attention(
-                q, k, v, dropout_p=self.attn_dropout if self.training else 0.0, is_causal=True
-            )  # (B, nh, T, hs)
-        else:  # prefill: the prompt attends to itself, causally, and leaves its keys and values
-            assert cache.pos == 0, "prefill starts an empty cache; Decoder adds one position at a time"
-            cache.k[layer][:, :, :T] = k
-            cache.v[layer][:, :, :T] = v
-            out = F.scaled_dot_product_attention(q, k, v, is_causal=True)  # (B, nh, T, hs)
-        out = out.transpose(1, 2).contiguous().view(B, T, C)  # (B, T, C): heads side by side again
+        # the lecture's masked softmax(q·kᵀ / sqrt(hs)) · v for every head, in one fused kernel
+        dropout_p = self.attn_dropout if self.training else 0.0
+        out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
+        return self.merge_heads(out)  # (B, T, C)
+
+    def merge_heads(self, out):
+        """The heads' outputs (B, nh, T, hs) side by side again, projected back into the
+        residual stream: (B, T, C)."""
+        B, nh, T, hs = out.shape
+        out = out.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, C)
         return self.dropout(out)
 
-    def qkv_by_head(self, x):
-        """The queries, keys and values of every head for x (B, T, C), (B, nh, T, hs) each; the
-        queries and keys in the form attention compares them (compare_form)."""
+    def qkv_by_head(self, x, start=0):
+        """The queries, keys and values of every head for x (B, T, C) at positions
+        start..start+T-1, (B, nh, T, hs) each; the queries and keys in the form attention
+        compares them (compare_form)."""
         B, T, C = x.shape
         nh = self.n_head
         qkv = self.qkv(x).view(B, T, 3 * nh, self.head_size).transpose(1, 2)  # (B, 3nh, T, hs): 3 x nh heads
-        q, k = self.compare_form(qkv[:, : 2 * nh]).split(nh, dim=1)  # (B, nh, T, hs) each
+        q, k = self.compare_form(qkv[:, : 2 * nh], start).split(nh, dim=1)  # (B, nh, T, hs) each
         return q, k, qkv[:, 2 * nh :]
 
     def compare_form(self, qk, start=0):
@@ -384,6 +234,11 @@ class FeedForward(nn.Module):
     def forward(self, x):
         return self.net(x)
 
+    def projection(self):
+        """The Linear that writes back into the residual stream, or None (proj=False)."""
+        linears = [m for m in self.net if isinstance(m, nn.Linear)]
+        return linears[-1] if len(linears) == 2 else None
+
 
 class Block(nn.Module):
     """Communication followed by computation, each on a LayerNormed copy added back to x."""
@@ -397,8 +252,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else nn.Identity()
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm and self.ffwd else nn.Identity()
 
-    def forward(self, x, cache=None, layer=0):
-        a = self.sa(self.ln1(x), cache, layer)  # (B, T, C): communication
+    def forward(self, x):
+        a = self.sa(self.ln1(x))  # (B, T, C): communication
         # residual connections: a branch adds to x instead of replacing it, so the gradient
         # reaches the first layers unchanged through the sums
         x = x + a if self.residual else a
@@ -412,11 +267,11 @@ class Block(nn.Module):
         projections (none with proj=False)."""
         if self.sa.proj is None:
             return []
-        return [self.sa.proj] + ([self.ffwd.net[2]] if self.ffwd is not None else [])
+        return [self.sa.proj] + ([self.ffwd.projection()] if self.ffwd is not None else [])
 
 
 class LanguageModel(nn.Module):
-    """What GPT and BigramLanguageModel share: the loss, and generation."""
+    """What GPT and BigramLanguageModel share: the loss, and the lecture's generate."""
 
     def _loss(self, logits, targets):
         B, T, V = logits.shape
@@ -427,63 +282,19 @@ class LanguageModel(nn.Module):
             raise ValueError(f"input has {T} tokens, longer than block_size {self.config.block_size}")
 
     @torch.no_grad()
-    def generate(self, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, generator=None, kv_cache=True,
-                 decode_dtype=None):
-        """Yield max_new_tokens next tokens, a (B,) tensor each, continuing idx (B, T).
-
-        temperature 0 picks the most likely token; top_k > 0 keeps the k most likely
-        (clamped to the vocabulary); top_p < 1 keeps the smallest set whose probability
-        reaches top_p. A seeded torch.Generator makes the draw reproducible.
-
-        With kv_cache the context window is rebuilt from the last block_size // 2 tokens
-        whenever it is full; without it, every step runs the last block_size tokens.
-
-        decode_dtype (with kv_cache): run the one-token decode steps on a copy of the weights
-        in this dtype: torch.float16, torch.bfloat16 or torch.int8 (see Decoder). A decode
-        step reads every weight once to do little arithmetic with it, so fewer bytes is less
-        time; prefills, which are matrix products, and the cached keys and values stay in
-        the model's own dtype."""
-        if idx.shape[1] == 0:
-            raise ValueError("generation needs at least one token of context")
-        use_cache = kv_cache and isinstance(self, GPT)
-        decoder = Decoder(self, decode_dtype) if use_cache else None
-        cache = None
+    def generate(self, idx, max_new_tokens, generator=None):
+        """The lecture's generate: idx (B, T) continued by max_new_tokens tokens drawn from the
+        model's distribution, (B, T + max_new_tokens). Every new token runs the whole context
+        again, cropped to the last block_size tokens. chargpt/engine.py generates the same text
+        faster (a KV cache), with temperature, top-k and top-p, one token at a time."""
         for _ in range(max_new_tokens):
-            if not use_cache:
-                logits = self(idx[:, -self.config.block_size :])[0][:, -1, :]  # (B, V)
-            elif cache is None or cache.pos == self.config.block_size:
-                # (re)fill the cache from the last half window (the whole prompt at first,
-                # if it fits), so positions stay inside the learned 0..block_size-1
-                keep = self.config.block_size if cache is None else self.config.block_size // 2
-                context = idx[:, -keep:]
-                cache = KVCache(self.config, idx.shape[0], idx.device, self.lm_head.weight.dtype)
-                logits = self.prefill(context, cache)  # (B, V)
-            else:
-                logits = decoder(idx[:, -1], cache)  # (B, V)
-            idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T+1)
-            yield idx_next
-
-
-def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
-    """One token per row of logits (B, V), as a (B,) tensor."""
-    if temperature == 0:
-        return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature  # (B, V)
-    if top_k > 0:
-        k = min(top_k, logits.shape[-1])
-        kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
-        # ties with the k-th value stay in: which of equal tokens to drop is arbitrary
-        logits = logits.masked_fill(logits < kth, float("-inf"))
-    probs = F.softmax(logits, dim=-1)  # (B, V)
-    if top_p < 1.0:
-        sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
-        # drop a token when the tokens before it already reach top_p; the first always stays
-        drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
-        sorted_probs = sorted_probs.masked_fill(drop, 0.0)
-        probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V)
-    # multinomial draws on the CPU from the seeded generator: same seed, same text on any device
-    return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)  # (B,)
+            idx_cond = idx[:, -self.config.block_size :]  # (B, T): what the positions can hold
+            logits, _ = self(idx_cond)  # (B, T, vocab_size)
+            logits = logits[:, -1, :]  # (B, vocab_size): the prediction after the last token
+            probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
+            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
+        return idx
 
 
 class GPT(LanguageModel):
@@ -531,17 +342,6 @@ class GPT(LanguageModel):
             x = x + self.position_embedding_table.weight[: idx.shape[1]]  # (T, C), the same for every row
         return x
 
-    def prefill(self, idx, cache):
-        """Run the prompt idx (B, T) through the model into an empty cache; return the logits
-        of its last position, (B, vocab_size). Decoder then adds one position at a time."""
-        B, T = idx.shape
-        self._check_length(T)
-        x = self._embed(idx)  # (B, T, C)
-        for layer, block in enumerate(self.blocks):
-            x = block(x, cache, layer)  # (B, T, C)
-        cache.pos = T
-        return self.lm_head(self.ln_f(x[:, -1, :]))  # (B, vocab_size)
-
     @torch.no_grad()
     def attention_maps(self, idx):
         """The attention weights of every layer and head for one sequence idx (1, T), as a
@@ -569,7 +369,9 @@ class GPT(LanguageModel):
         attention's scores and weighted sum over the block (PaLM appendix B)."""
         c = self.config
         table = self.position_embedding_table
-        matmul_params = self.num_params() - self.token_embedding_table.weight.numel() - (0 if table is None else table.weight.numel())
+        matmul_params = (
+            self.num_params() - self.token_embedding_table.weight.numel() - (0 if table is None else table.weight.numel())
+        )
         return 6 * matmul_params + 6 * c.n_layer * c.n_embd * c.block_size
 
 
@@ -600,3 +402,73 @@ class BigramLanguageModel(LanguageModel):
 def build_model(config):
     """The network a GPTConfig describes."""
     return BigramLanguageModel(config) if config.model_type == "bigram" else GPT(config)
+
+
+# -----------------------------------------------------------------------------
+# beyond the lecture: the pieces the options need
+
+
+class Rotary(nn.Module):
+    """Rotary position embedding (RoPE, Su et al. 2021), for GPTConfig.position='rotary'.
+
+    Each query and key is cut into pairs of channels (2i, 2i+1), and each pair is rotated by
+    an angle proportional to the position, faster for the first pairs than for the last. A
+    rotation by a at one position and b at another leaves their dot product depending on
+    b - a only: attention sees how far back a character is, not where it is. Nothing is
+    learned; it replaces the position embedding table.
+
+    A pair (x, y) is the complex number x + iy, and rotating it by angle a is multiplying it
+    by e^(ia) = cos a + i sin a: one multiplication per call, where the same rotation
+    written with real numbers takes seven operations (a step of config/shakespeare_char.py
+    was 16% slower than with the position table that way, 4% slower this way, measured on
+    the 2-core Xeon of the README)."""
+
+    def __init__(self, head_size, block_size, base=10000.0):
+        super().__init__()
+        half = head_size // 2
+        speeds = base ** (-torch.arange(half, dtype=torch.float32) / half)  # (hs/2,): radians per position
+        angles = torch.arange(block_size, dtype=torch.float32)[:, None] * speeds  # (block_size, hs/2)
+        # not in the state dict: they follow from the config (real buffers: module.to(dtype)
+        # would drop the imaginary part of a complex one)
+        self.register_buffer("cos", angles.cos(), persistent=False)
+        self.register_buffer("sin", angles.sin(), persistent=False)
+
+    def forward(self, x, start=0):
+        """x (..., T, hs) at positions start..start+T-1, rotated."""
+        T = x.shape[-2]
+        turn = torch.complex(self.cos[start : start + T].float(), self.sin[start : start + T].float())  # (T, hs/2): e^(i angle)
+        pairs = torch.view_as_complex(x.float().unflatten(-1, (-1, 2)))  # (..., T, hs/2): channel 2i + i * channel 2i+1
+        return torch.view_as_real(pairs * turn).flatten(-2).to(x.dtype)  # (..., T, hs)
+
+
+class SquaredReLU(nn.Module):
+    """relu(x)**2, for GPTConfig.activation='relu2' (So et al. 2021, "Primer")."""
+
+    def forward(self, x):
+        return F.relu(x).square()
+
+
+class Dropout(nn.Module):
+    """nn.Dropout with a cheaper mask on the CPU.
+
+    PyTorch's CPU dropout draws one random number per element, and that drawing was most of
+    the cost of dropout: 0.1 on the residual branches made a training step of the 30-minute
+    recipe 67% slower here. This draws 64 random bits at a time and cuts them into four
+    16-bit numbers, one per element, kept when at or above p * 2**16 of the range: the
+    same Bernoulli(1 - p) mask, with p rounded to 1/65536, from the same seeded generator.
+    On other devices (CUDA draws masks in the kernel) it is plain F.dropout."""
+
+    def __init__(self, p):
+        super().__init__()
+        self.p = p
+
+    def forward(self, x):
+        if not self.training or self.p == 0:
+            return x
+        if x.device.type != "cpu":
+            return F.dropout(x, self.p, training=True)
+        n = x.numel()
+        bits = torch.randint(-(2**63), 2**63 - 1, ((n + 3) // 4,), dtype=torch.int64, device=x.device)
+        uniform16 = bits.view(torch.int16)[:n].view(x.shape)  # uniform in [-32768, 32767]
+        keep = uniform16 >= round(self.p * 65536) - 32768  # true with probability 1 - p
+        return x * keep * (1.0 / (1.0 - self.p))

@@ -17,30 +17,15 @@ import hashlib
 import json
 import os
 import sys
-import tempfile
 
 import numpy as np
 
-from tokenizer import CharTokenizer
+from chargpt.atomic import write_atomic
+from chargpt.tokenizer import CharTokenizer
 
 SHAKESPEARE_URL = "https://raw.githubusercontent.com/karpathy/char-rnn/master/data/tinyshakespeare/input.txt"
 SHAKESPEARE_SHA256 = "86c4e6aa9db7c042ec79f339dcb96d42b0075e16b8fc2e86bf0ca57e2dc565ed"
 TRAIN_FRACTION = 0.9
-
-
-def write_atomic(path, data):
-    """Write bytes to path via a temporary file in the same folder and a rename."""
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-" + os.path.basename(path), dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
 
 
 def download(url, path, sha256=None, timeout=30):
@@ -107,9 +92,13 @@ def prepare(text, out_dir, source=""):
 def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--input", help="a UTF-8 text file to prepare (default: tiny Shakespeare)")
-    parser.add_argument("--out_dir", default=os.path.join("data", "shakespeare_char"), help="where the token files go (default: %(default)s)")
+    parser.add_argument(
+        "--out_dir", default=os.path.join("data", "shakespeare_char"), help="where the token files go (default: %(default)s)"
+    )
     parser.add_argument("--url", default=SHAKESPEARE_URL, help="where to download the text from when there is no input file")
-    parser.add_argument("--sha256", default=None, help="expected sha256 of the download (default: tiny Shakespeare's, for its URL)")
+    parser.add_argument(
+        "--sha256", default=None, help="expected sha256 of the download (default: tiny Shakespeare's, for its URL)"
+    )
     args = parser.parse_args(argv)
     try:
         if args.input is not None:

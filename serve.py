@@ -6,7 +6,7 @@
     python serve.py --help
 
 One checkpoint (out_dir/best.pt, else ckpt.pt) is loaded once and shared by every request.
-The page, playground.html beside this file, talks to a small JSON API that curl can call too:
+The page, chargpt/playground.html, talks to a small JSON API that curl can call too:
 
     GET  /                 the page
     GET  /api/info         the checkpoint's facts (configs, parameters, step, best val loss) and the server's limits
@@ -16,7 +16,7 @@ The page, playground.html beside this file, talks to a small JSON API that curl 
     POST /api/attention    {"text": ...} -> the characters, weights[layer][head][t][s] and the top-5
                            next characters at each position
 
-Generation is sample.py's own (sample.generate_tokens): the same settings and seed give the
+Generation is sample.py's own (chargpt/engine.py's generate_tokens): the same settings and seed give the
 same text. Bad input is a 4xx with one line of JSON, {"error": "FIELD: what is wrong", "field": FIELD}.
 
 Built on the standard library's ThreadingHTTPServer: nothing to install beyond requirements.txt
@@ -40,13 +40,13 @@ from urllib.parse import urlsplit
 
 import torch
 
-from checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
-from configurator import HelpRequested, knob, parse
-from metrics import read_records
-from sample import DECODE_DTYPES, SampleConfig, generate_tokens, resolve_decode_dtype
-from train import resolve_device
+from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, check_choice, knob, parse
+from chargpt.engine import generate_tokens, resolve_decode_dtype
+from chargpt.machine import resolve_device
+from chargpt.metrics import read_records
 
-PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
+PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chargpt", "playground.html")
 MAX_BODY_BYTES = 1 << 20  # a request body, before it is even parsed
 TOP = 5  # next-character guesses shown per position
 
@@ -65,8 +65,7 @@ class ServeConfig:
     def validate(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
-        if self.decode_dtype not in ("auto", *DECODE_DTYPES):
-            raise ValueError(f"--decode_dtype must be auto, float32, float16, bfloat16 or int8, got {self.decode_dtype!r}")
+        check_choice("decode_dtype", self.decode_dtype, ("auto", *DECODE_DTYPE_NAMES))
         for key in ("max_new_tokens_limit", "max_chars"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
@@ -125,7 +124,7 @@ class Playground:
         self.device = resolve_device(config.device)
         self.path = find_checkpoint(config.out_dir)
         checkpoint = load_checkpoint(self.path, self.device)
-        self.model, self.tokenizer = model_from_checkpoint(checkpoint, self.device)
+        self.model, self.tokenizer = model_from_checkpoint(checkpoint, self.device, self.path)
         self.has_attention = hasattr(self.model, "attention_maps")  # the bigram model has none
         mc = self.model.config
         self.info = {
@@ -162,7 +161,9 @@ class Playground:
         if not text:
             raise RequestError(400, field, "empty: the model needs at least one character")
         if len(text) > self.config.max_chars:
-            raise RequestError(413, field, f"{len(text)} characters, more than this server's limit of {self.config.max_chars} (--max_chars)")
+            raise RequestError(
+                413, field, f"{len(text)} characters, more than this server's limit of {self.config.max_chars} (--max_chars)"
+            )
         try:
             return self.tokenizer.encode(text)
         except ValueError as e:  # names the unknown characters
@@ -173,7 +174,9 @@ class Playground:
         values = read_fields(body, GENERATE_FIELDS)
         limit = self.config.max_new_tokens_limit
         if not 0 <= values["max_new_tokens"] <= limit:
-            raise RequestError(400, "max_new_tokens", f"must be in 0..{limit} (--max_new_tokens_limit), got {values['max_new_tokens']}")
+            raise RequestError(
+                400, "max_new_tokens", f"must be in 0..{limit} (--max_new_tokens_limit), got {values['max_new_tokens']}"
+            )
         if values["temperature"] < 0:
             raise RequestError(400, "temperature", f"must be 0 or more, got {values['temperature']}")
         if values["top_k"] < 0:
@@ -184,9 +187,15 @@ class Playground:
             raise RequestError(400, "seed", f"must be in 0..2**64-1, got {values['seed']}")
         prompt_ids = self.encode("prompt", values["prompt"])
         config = SampleConfig(
-            start=values["prompt"], num_samples=1, max_new_tokens=values["max_new_tokens"],
-            temperature=values["temperature"], top_k=values["top_k"], top_p=values["top_p"], seed=values["seed"],
-            kv_cache=self.config.kv_cache, decode_dtype=self.config.decode_dtype,
+            start=values["prompt"],
+            num_samples=1,
+            max_new_tokens=values["max_new_tokens"],
+            temperature=values["temperature"],
+            top_k=values["top_k"],
+            top_p=values["top_p"],
+            seed=values["seed"],
+            kv_cache=self.config.kv_cache,
+            decode_dtype=self.config.decode_dtype,
         )
         return config, prompt_ids
 
@@ -210,17 +219,23 @@ class Playground:
             maps = self.model.attention_maps(idx)  # (n_layer, nh, T, T)
             weights = maps.double().round(decimals=5).tolist()  # 5 decimals: a row still sums to 1 within 1e-4
         return {
-            "chars": list(self.tokenizer.decode(shown)), "offset": offset,
-            "n_layer": len(weights), "n_head": len(weights[0]) if weights else 0,
-            "weights": weights, "top5": next_chars,
+            "chars": list(self.tokenizer.decode(shown)),
+            "offset": offset,
+            "n_layer": len(weights),
+            "n_head": len(weights[0]) if weights else 0,
+            "weights": weights,
+            "top5": next_chars,
         }
 
     def metrics(self):
         """metrics.jsonl's records, with non-finite numbers as null (JSON has no NaN)."""
         records = read_records(self.metrics_path)
         clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
-        return {"path": self.metrics_path, "exists": os.path.isfile(self.metrics_path),
-                "records": [{k: clean(v) for k, v in r.items()} for r in records]}
+        return {
+            "path": self.metrics_path,
+            "exists": os.path.isfile(self.metrics_path),
+            "records": [{k: clean(v) for k, v in r.items()} for r in records],
+        }
 
     def record(self, generated, asked, left):
         with self.lock:
@@ -354,8 +369,15 @@ class Handler(BaseHTTPRequestHandler):
                 # first lands in the socket's buffer, the peer answers with a reset
                 self.send_event({"char": generated[-1]})
             seconds = time.time() - t0
-            self.send_event({"text": "".join(generated), "chars": len(generated), "seconds": round(seconds, 3),
-                             "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1)}, event="done")
+            self.send_event(
+                {
+                    "text": "".join(generated),
+                    "chars": len(generated),
+                    "seconds": round(seconds, 3),
+                    "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1),
+                },
+                event="done",
+            )
         except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
             left = True
         except Exception as e:  # a bug: the stream has begun, so say it as an event

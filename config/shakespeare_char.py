@@ -6,7 +6,7 @@ LayerNorm, lm_head), narrower and with a shorter context: 6 layers, 4 heads of 3
 stops after 14.9 minutes, evals and checkpoints included, and its learning rate follows
 the time spent, so a slower machine takes fewer steps and still ends its decay on time.
 What gets it there (each measured alone and together in the README's ablation table):
-- Muon for the Blocks' weight matrices (muon.py), and dropout 0.1 on the residual
+- Muon for the Blocks' weight matrices (chargpt/muon.py), and dropout 0.1 on the residual
   branches only (not on the attention weights, so attention keeps SDPA's fused kernel);
 - warmup-stable-decay: the peak learning rate until the last 30% of the time, then a
   straight line down to zero;
@@ -20,6 +20,7 @@ README); its exact recipe, for a GPU, is config/lecture/8_dropout_scaled.py.
     python train.py config/shakespeare_char.py --time_budget=30   # a longer budget, a better model
     python train.py config/shakespeare_char.py --time_budget=0 --max_iters=3000   # a step run instead
 """
+
 out_dir = "out"
 dataset = "shakespeare_char"
 

@@ -3,7 +3,7 @@
 2 layers, 2 heads, n_embd 64, block_size 64 (0.11M parameters), trained for a time
 budget of 12 seconds (the whole command, Python and PyTorch starting included, takes about
 13.5 s). On so small a budget the number of steps matters most, so the model is tiny, the
-batch small and the learning rates high; Muon (muon.py) on the Blocks' matrices gets far
+batch small and the learning rates high; Muon (chargpt/muon.py) on the Blocks' matrices gets far
 more out of each step than AdamW. Besides Muon it uses rotary positions, QK-norm, no
 biases, and a warmup-stable-decay schedule down to 0 (the README's option table): each was
 measured at a fixed number of steps over 3 seeds, and kept if it won per second. nanoGPT's
@@ -13,6 +13,7 @@ same kind of machine.
     python train.py config/shakespeare_char_cpu.py
     python train.py config/shakespeare_char_cpu.py --time_budget=0 --max_iters=1000   # steps, not time
 """
+
 out_dir = "out-cpu"
 dataset = "shakespeare_char"
 

@@ -9,9 +9,9 @@ import pytest
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
+from chargpt.config import TrainConfig  # noqa: E402
 from model import GPTConfig  # noqa: E402
 from prepare import prepare  # noqa: E402
-from train import TrainConfig  # noqa: E402
 
 
 def make_text(n_lines=600, seed=0):
@@ -27,7 +27,7 @@ def make_text(n_lines=600, seed=0):
 
 @pytest.fixture(scope="session", autouse=True)
 def cache_home(tmp_path_factory):
-    """sample.py's decode-dtype cache (decode_dtype.py) goes to a temporary folder, not ~/.cache;
+    """sample.py's decode-dtype cache (chargpt/engine.py) goes to a temporary folder, not ~/.cache;
     the scripts run as subprocesses inherit it."""
     with pytest.MonkeyPatch.context() as m:
         m.setenv("XDG_CACHE_HOME", str(tmp_path_factory.mktemp("cache")))
@@ -49,9 +49,20 @@ def data_dir(tmp_path, text):
 def tiny_configs(data_dir, out_dir, **overrides):
     """(TrainConfig, GPTConfig) for a 2-layer, 32-wide model that trains in seconds on the CPU."""
     train_config = TrainConfig(
-        out_dir=str(out_dir), dataset="tiny", data_dir=data_dir, device="cpu", dtype="float32",
-        batch_size=8, max_iters=40, eval_interval=20, eval_iters=5, log_interval=10,
-        learning_rate=3e-3, min_lr=3e-4, warmup_iters=5, sample_chars=50,
+        out_dir=str(out_dir),
+        dataset="tiny",
+        data_dir=data_dir,
+        device="cpu",
+        dtype="float32",
+        batch_size=8,
+        max_iters=40,
+        eval_interval=20,
+        eval_iters=5,
+        log_interval=10,
+        learning_rate=3e-3,
+        min_lr=3e-4,
+        warmup_iters=5,
+        sample_chars=50,
     )
     model_config = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
     for key, value in overrides.items():

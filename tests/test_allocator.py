@@ -1,5 +1,5 @@
-"""allocator.py: with glibc, the memory one step frees stays for the next, which then takes
-it without a page fault."""
+"""chargpt/machine.py's allocator setting: with glibc, the memory one step frees stays for
+the next, which then takes it without a page fault."""
 
 import subprocess
 import sys
@@ -13,7 +13,7 @@ from conftest import ROOT
 # and the page faults of each later step
 SCRIPT = """
 import resource, sys, torch
-import allocator
+from chargpt import machine as allocator
 kept = allocator.keep_freed_memory() if sys.argv[1] == "keep" else None
 resident = lambda: int(open("/proc/self/statm").read().split()[1]) * resource.getpagesize()
 def step():

@@ -9,8 +9,13 @@ from conftest import ROOT, tiny_configs
 
 
 def bench(*args):
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), *args], capture_output=True, text=True,
-                            timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
+    )
     assert result.returncode == 0, result.stderr
     return result.stdout
 
@@ -29,14 +34,40 @@ def test_bench_sample_and_loss(data_dir, tmp_path):
     out = bench("sample", f"--out_dir={out_dir}", "--new_tokens=40")
     assert "KV cache" in out and "uncached" in out and "--num_samples 10" in out
     assert "one sample: auto's pick" in out and "10 samples: auto's pick" in out and "of the best row" in out
-    out = bench("loss", "--target=3.5", f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny",
-                "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--batch_size=8", "--max_iters=30",
-                "--eval_interval=10", "--eval_iters=2", "--device=cpu", "--eval_sample_chars=0", "--sample_chars=0",
-                "--learning_rate=0.01")
+    out = bench(
+        "loss",
+        "--target=3.5",
+        f"--out_dir={tmp_path / 'b'}",
+        f"--data_dir={data_dir}",
+        "--dataset=tiny",
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=32",
+        "--block_size=16",
+        "--batch_size=8",
+        "--max_iters=30",
+        "--eval_interval=10",
+        "--eval_iters=2",
+        "--device=cpu",
+        "--eval_sample_chars=0",
+        "--sample_chars=0",
+        "--learning_rate=0.01",
+    )
     assert "val loss <= 3.5 first at step" in out
     # a folder named with --out_dir is protected as train.py protects it; out-bench is not
-    again = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "loss", "--target=3.5",
-                            f"--out_dir={tmp_path / 'b'}", f"--data_dir={data_dir}", "--dataset=tiny"],
-                           capture_output=True, text=True, timeout=300)
+    again = subprocess.run(
+        [
+            sys.executable,
+            os.path.join(ROOT, "bench.py"),
+            "loss",
+            "--target=3.5",
+            f"--out_dir={tmp_path / 'b'}",
+            f"--data_dir={data_dir}",
+            "--dataset=tiny",
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert again.returncode == 1 and again.stderr.startswith("bench.py: error: --out_dir"), again.stderr
     assert "--overwrite=True" in again.stderr

@@ -1,12 +1,11 @@
-"""The configurator: defaults < config file < flags, and errors that name the key."""
+"""chargpt/config.py: defaults < config file < flags, and errors that name the key."""
 
 import dataclasses
 
 import pytest
 
-from configurator import HelpRequested, parse, read_config_file
+from chargpt.config import HelpRequested, TrainConfig, parse, read_config_file
 from model import GPTConfig
-from train import TrainConfig
 
 USAGE = "train.py [CONFIG_FILE] [--key=value ...]"
 

@@ -9,24 +9,52 @@ import sys
 import torch
 
 import train
-from checkpoint import load_checkpoint
+from chargpt.checkpoint import load_checkpoint
+from chargpt.data import BatchSampler, load_dataset
+from chargpt.optim import make_optimizer
 from conftest import ROOT, tiny_configs
 from model import build_model
 
 
 def flags(data_dir, out_dir, **extra):
-    base = dict(data_dir=data_dir, dataset="tiny", out_dir=out_dir, device="cpu", dtype="float32", n_layer=2,
-                n_head=2, n_embd=32, block_size=16, dropout=0.0, batch_size=8, learning_rate=3e-3, min_lr=3e-4,
-                warmup_iters=5, eval_iters=4, log_interval=5, sample_chars=0)
+    base = dict(
+        data_dir=data_dir,
+        dataset="tiny",
+        out_dir=out_dir,
+        device="cpu",
+        dtype="float32",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        dropout=0.0,
+        batch_size=8,
+        learning_rate=3e-3,
+        min_lr=3e-4,
+        warmup_iters=5,
+        eval_iters=4,
+        log_interval=5,
+        sample_chars=0,
+    )
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
 
 
 def torchrun(args, nproc=2, check=True):
     result = subprocess.run(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
-         os.path.join(ROOT, "train.py"), *args],
-        capture_output=True, text=True, timeout=300, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            f"--nproc_per_node={nproc}",
+            os.path.join(ROOT, "train.py"),
+            *args,
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
     if not check:
         return result
@@ -42,14 +70,14 @@ def test_one_step_on_two_processes_equals_one_process_on_the_global_batch(data_d
 
     # the same step by hand in one process: rank r draws its batches with seed + r
     config, model_config = tiny_configs(data_dir, tmp_path / "ref")
-    train_data, _, tokenizer = train.load_dataset(config)
+    train_data, _, tokenizer = load_dataset(config)
     model_config.vocab_size = tokenizer.vocab_size
-    batches = [train.BatchSampler(train_data, 16, 8, config.seed + rank).next("cpu") for rank in (0, 1)]
+    batches = [BatchSampler(train_data, 16, 8, config.seed + rank).next("cpu") for rank in (0, 1)]
 
     def one_step(xs, ys):
         torch.manual_seed(config.seed)
         model = build_model(model_config)
-        optimizer = train.make_optimizer(model, config, "cpu")
+        optimizer = make_optimizer(model, config, "cpu")
         for group in optimizer.param_groups:
             group["lr"] = train.get_lr(0, config)
         _, loss = model(torch.cat(xs), torch.cat(ys))
@@ -89,8 +117,12 @@ def test_two_process_run_learns_resumes_and_samples(data_dir, tmp_path):
     config, model_config = tiny_configs(data_dir, out, init_from="resume", max_iters=65, lr_decay_iters=60, sample_chars=0)
     assert train.train(config, model_config, log=lines.append)["iter_num"] == 65
     assert any("written by 2 process(es)" in line for line in lines)
-    result = subprocess.run([sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", "--max_new_tokens=40"],
-                            capture_output=True, text=True, timeout=120)
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "sample.py"), f"--out_dir={out}", "--max_new_tokens=40"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert result.returncode == 0 and len(result.stdout) == 42, result.stderr
 
 
@@ -107,8 +139,9 @@ def test_a_run_refused_by_rank_0_stops_every_process(data_dir, tmp_path):
     """Only rank 0 locks out_dir and looks for a trained model in it; when it refuses, the
     other process must stop too instead of waiting for it in a collective."""
     out = tmp_path / "o"
-    train.train(*tiny_configs(data_dir, out, max_iters=2, eval_interval=2, sample_chars=0, eval_sample_chars=0),
-                log=lambda m: None)
+    train.train(
+        *tiny_configs(data_dir, out, max_iters=2, eval_interval=2, sample_chars=0, eval_sample_chars=0), log=lambda m: None
+    )
     before = (out / "ckpt.pt").read_bytes()
     result = torchrun(flags(data_dir, out, max_iters=4, eval_interval=2), check=False)
     assert result.returncode != 0

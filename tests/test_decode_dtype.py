@@ -8,9 +8,9 @@ import os
 import pytest
 import torch
 
-import decode_dtype
-from decode_dtype import CACHE, DECODE_DTYPES, pick_decode_dtype, resolve_decode_dtype
-from timing_cache import cache_path
+from chargpt import engine as decode_dtype
+from chargpt.engine import CACHE, DECODE_DTYPES, pick_decode_dtype, resolve_decode_dtype
+from chargpt.machine import cache_path
 from model import GPT, BigramLanguageModel, GPTConfig
 
 
@@ -33,8 +33,11 @@ def fixed_timings(monkeypatch, seconds, build=None):
 
     def timed(model, names, batch_size):
         calls.append(batch_size)
-        return {name: ((build or {}).get(name, 0.0), [seconds[name] * 1.2, seconds[name], seconds[name] * 1.1])
-                for name in names if name in seconds}
+        return {
+            name: ((build or {}).get(name, 0.0), [seconds[name] * 1.2, seconds[name], seconds[name] * 1.1])
+            for name in names
+            if name in seconds
+        }
 
     monkeypatch.setattr(decode_dtype, "time_decoders", timed)
     return calls
@@ -77,8 +80,9 @@ def test_a_named_dtype_and_a_bigram_model_are_not_timed(monkeypatch):
 
 def test_the_best_round_counts(model, monkeypatch):
     # other programs only ever slow a round down: float32's one slow round does not count
-    monkeypatch.setattr(decode_dtype, "time_decoders",
-                        lambda model, names, batch: {"float32": (0, [1e-3, 9e-3]), "int8": (0, [2e-3, 2e-3])})
+    monkeypatch.setattr(
+        decode_dtype, "time_decoders", lambda model, names, batch: {"float32": (0, [1e-3, 9e-3]), "int8": (0, [2e-3, 2e-3])}
+    )
     assert pick_decode_dtype(model, 1) == ("float32", {"float32": (0, 1e-3), "int8": (0, 2e-3)}, "timed")
 
 
@@ -87,7 +91,7 @@ def test_a_cache_hit_skips_the_timing(model, monkeypatch, cache_dir):
     assert pick_decode_dtype(model, 1)[0] == "int8" and calls == [1]
     assert pick_decode_dtype(model, 1)[::2] == ("int8", "cache") and calls == [1]
     cached = json.loads((cache_dir / "chargpt" / "decode_dtype.json").read_text(encoding="utf-8"))
-    (key, value), = cached.items()
+    ((key, value),) = cached.items()
     assert value["int8"] == [0.0, 1e-3] and "torch " + torch.__version__ in key and "batch 1" in key
     # another model shape is another entry
     other = GPT(GPTConfig(block_size=16, vocab_size=11, n_layer=1, n_head=2, n_embd=32)).eval()

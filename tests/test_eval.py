@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval as eval_py
 import train
+from chargpt.evaluate import evaluate
 from conftest import tiny_configs
 from prepare import prepare
 
@@ -19,8 +20,9 @@ from prepare import prepare
 def trained(tmp_path_factory, text):
     root = tmp_path_factory.mktemp("eval")
     prepare(text, str(root / "data" / "tiny"))
-    train.train(*tiny_configs(str(root / "data"), root / "out", max_iters=20, sample_chars=0, eval_sample_chars=0),
-                log=lambda m: None)
+    train.train(
+        *tiny_configs(str(root / "data"), root / "out", max_iters=20, sample_chars=0, eval_sample_chars=0), log=lambda m: None
+    )
     return root
 
 
@@ -47,7 +49,7 @@ def test_eval_is_deterministic_and_covers_the_split(trained, capsys):
 
 @pytest.mark.parametrize("length", [50, 49, 17, 2])  # a short last window, none, one window, one target
 def test_eval_equals_a_hand_computation_over_windows(trained, length):
-    from checkpoint import load_checkpoint, model_from_checkpoint
+    from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(str(trained / "out" / "ckpt.pt")))
     torch.manual_seed(0)
@@ -62,7 +64,7 @@ def test_eval_equals_a_hand_computation_over_windows(trained, length):
         count += y.shape[1]
     assert count == length - 1
     for batch_size in (1, 2, 64):
-        loss, n, windows = eval_py.evaluate(model, data, 16, batch_size)
+        loss, n, windows = evaluate(model, data, 16, batch_size)
         assert n == length - 1 and windows == math.ceil((length - 1) / 16)
         assert loss == pytest.approx(total / count, rel=1e-6)
 

@@ -10,8 +10,7 @@ import pytest
 import eval as eval_script
 import ladder
 import sample
-import train
-from configurator import parse
+from chargpt.config import TrainConfig, parse
 from conftest import ROOT
 from model import GPTConfig, build_model
 
@@ -20,8 +19,16 @@ STAGE_CONFIGS = sorted(glob.glob(os.path.join(ROOT, "config", "lecture", "*.py")
 
 def test_there_is_one_config_per_stage_in_the_lectures_order():
     names = [os.path.basename(p) for p in STAGE_CONFIGS]
-    assert names == ["1_bigram.py", "2_self_attention.py", "3_multi_head.py", "4_feed_forward.py", "5_blocks.py",
-                     "6_residual.py", "7_layer_norm.py", "8_dropout_scaled.py"]
+    assert names == [
+        "1_bigram.py",
+        "2_self_attention.py",
+        "3_multi_head.py",
+        "4_feed_forward.py",
+        "5_blocks.py",
+        "6_residual.py",
+        "7_layer_norm.py",
+        "8_dropout_scaled.py",
+    ]
     assert sorted(ladder.find_stages()) == list(range(1, 9))
     assert ladder.find_stages()[3][1] == "multi-head attention"
 
@@ -40,19 +47,20 @@ STAGES = {
 
 @pytest.mark.parametrize("name", sorted(STAGES))
 def test_each_stage_config_builds_the_lectures_model(name):
-    (config, model_config), _ = parse([os.path.join(ROOT, "config", "lecture", name)], [train.TrainConfig(), GPTConfig()], "")
+    (config, model_config), _ = parse([os.path.join(ROOT, "config", "lecture", name)], [TrainConfig(), GPTConfig()], "")
     c = model_config
     assert (c.n_layer, c.n_head, c.n_embd, c.ffwd_mult, c.residual, c.proj, c.layer_norm) == STAGES[name][:7]
     assert build_model(c).num_params() == STAGES[name][7]
     small = name != "8_dropout_scaled.py"
     assert (c.block_size, config.batch_size, config.learning_rate, config.max_iters) == (
-        (8, 32, 1e-3, 5000) if small else (256, 64, 3e-4, 5000))
+        (8, 32, 1e-3, 5000) if small else (256, 64, 3e-4, 5000)
+    )
     assert config.min_lr == config.learning_rate and config.warmup_iters == 0  # the lecture's constant rate
     assert c.init == ("pytorch" if small else "normal")
 
 
 def test_the_bigram_stage():
-    (config, c), _ = parse([STAGE_CONFIGS[0]], [train.TrainConfig(), GPTConfig()], "")
+    (config, c), _ = parse([STAGE_CONFIGS[0]], [TrainConfig(), GPTConfig()], "")
     assert (c.model_type, c.block_size, config.learning_rate, config.max_iters) == ("bigram", 8, 1e-2, 3000)
 
 
@@ -66,8 +74,15 @@ def test_parse_stages():
         ladder.parse_stages("x", available)
 
 
-QUICK = ["--max_iters=30", "--eval_interval=15", "--eval_iters=2", "--sample_chars=0", "--eval_sample_chars=0",
-         "--log_interval=5", "--device=cpu"]
+QUICK = [
+    "--max_iters=30",
+    "--eval_interval=15",
+    "--eval_iters=2",
+    "--sample_chars=0",
+    "--eval_sample_chars=0",
+    "--log_interval=5",
+    "--device=cpu",
+]
 
 
 @pytest.fixture(scope="module")
@@ -108,14 +123,27 @@ def test_every_stage_checkpoint_samples_evaluates_and_draws_attention(ladder_run
         assert "val loss" in capsys.readouterr().out
     for name in ("3_multi_head", "7_layer_norm"):
         png = tmp_path / f"{name}.png"
-        assert sample.main([f"--out_dir={out / name}", "--max_new_tokens=0", "--device=cpu", "--start=KING:",
-                            f"--attention={png}"]) == 0
+        assert (
+            sample.main([f"--out_dir={out / name}", "--max_new_tokens=0", "--device=cpu", "--start=KING:", f"--attention={png}"])
+            == 0
+        )
         assert png.stat().st_size > 1000
 
 
 def test_a_stage_that_fails_is_one_line_naming_it(tmp_path, capsys, data_dir):
-    code = ladder.main(["--stages", "2", "--seeds", "1", f"--out_dir={tmp_path / 'o'}", f"--data_dir={data_dir}",
-                        "--dataset=tiny", "--block_size=100000", *QUICK])
+    code = ladder.main(
+        [
+            "--stages",
+            "2",
+            "--seeds",
+            "1",
+            f"--out_dir={tmp_path / 'o'}",
+            f"--data_dir={data_dir}",
+            "--dataset=tiny",
+            "--block_size=100000",
+            *QUICK,
+        ]
+    )
     err = capsys.readouterr().err.strip()
     assert code == 1 and len(err.splitlines()) == 1
     assert "stage 2 (seed 1337) failed" in err and "--block_size=100000 is longer than" in err

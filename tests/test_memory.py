@@ -5,14 +5,15 @@ import sys
 
 import pytest
 import torch
+from test_switches import SWITCHES
 
 import bench
-import memory
 import sample
 import train
-from checkpoint import save_checkpoint
+from chargpt import memory
+from chargpt.checkpoint import save_checkpoint
+from chargpt.muon import takes_muon
 from model import GPT, GPTConfig, build_model
-from muon import takes_muon
 
 
 @pytest.fixture
@@ -23,8 +24,16 @@ def random_model(tmp_path):
     model = GPT(config)
     out = tmp_path / "model"
     out.mkdir()
-    save_checkpoint({"model": model.state_dict(), "model_config": vars(config), "vocab": "\nabcdefghijklmnopqrs",
-                     "iter_num": 0, "best_val_loss": 3.0}, str(out / "best.pt"))
+    save_checkpoint(
+        {
+            "model": model.state_dict(),
+            "model_config": vars(config),
+            "vocab": "\nabcdefghijklmnopqrs",
+            "iter_num": 0,
+            "best_val_loss": 3.0,
+        },
+        str(out / "best.pt"),
+    )
     return out
 
 
@@ -35,8 +44,18 @@ def run_main(capsys, module, argv):
 
 
 def train_flags(data_dir, out_dir, **extra):
-    base = dict(data_dir=data_dir, dataset="tiny", out_dir=out_dir, device="cpu", dtype="float32", n_layer=2, n_head=2,
-                n_embd=32, block_size=16, max_iters=2)
+    base = dict(
+        data_dir=data_dir,
+        dataset="tiny",
+        out_dir=out_dir,
+        device="cpu",
+        dtype="float32",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        max_iters=2,
+    )
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -59,8 +78,10 @@ def test_train_refuses_a_model_that_cannot_fit(data_dir, tmp_path, capsys):
 
 @pytest.mark.parametrize(
     "flags, part, advice",
-    [(["--num_samples=1000000000", "--max_new_tokens=10"], "KV cache", "fewer --num_samples"),
-     (["--max_new_tokens=10000000000000"], "generated ids", "a smaller --max_new_tokens")],
+    [
+        (["--num_samples=1000000000", "--max_new_tokens=10"], "KV cache", "fewer --num_samples"),
+        (["--max_new_tokens=10000000000000"], "generated ids", "a smaller --max_new_tokens"),
+    ],
 )
 def test_sample_refuses_a_generation_that_cannot_fit(random_model, capsys, flags, part, advice):
     code, out, err = run_main(capsys, sample, [f"--out_dir={random_model}", "--device=cpu", *flags])
@@ -74,7 +95,9 @@ def test_what_fits_is_not_refused(monkeypatch):
     monkeypatch.setattr(memory, "available_bytes", lambda device: (4 * 2**30, "available"))
     memory.check_fits(parts, "cpu", "this", {"activations": "less"})
     monkeypatch.setattr(memory, "available_bytes", lambda device: (2 * 2**30, "available"))
-    with pytest.raises(ValueError, match=r"this needs about 3.0 GiB of memory \(activations 3.0 GiB\) but only 2.0 GiB is available: less"):
+    with pytest.raises(
+        ValueError, match=r"this needs about 3.0 GiB of memory \(activations 3.0 GiB\) but only 2.0 GiB is available: less"
+    ):
         memory.check_fits(parts, "cpu", "this", {"activations": "less"})
     monkeypatch.setattr(memory, "available_bytes", lambda device: None)  # a system that does not say: no check
     memory.check_fits(parts, "cpu", "this", {"activations": "less"})
@@ -103,48 +126,70 @@ def saved_bytes(model_config, dtype):
     return sum(seen.values())
 
 
-@pytest.mark.parametrize("variant", [{}, {"model_type": "bigram"}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, {"proj": False, "ffwd_mult": 1},
-                                     {"proj": False, "ffwd_mult": 0}, {"layer_norm": False}, {"position": "rotary"},
-                                     {"qk_norm": True}, {"activation": "relu2"}, {"residual": False, "init": "pytorch"},
-                                     {"bias": False}, {"bias": False, "proj": False, "ffwd_mult": 1}])
+@pytest.mark.parametrize(
+    "variant",
+    [
+        {},
+        {"ffwd_mult": 2},
+        {"ffwd_mult": 0},
+        {"proj": False, "ffwd_mult": 0},
+        {"residual": False, "init": "pytorch"},
+        {"bias": False, "proj": False, "ffwd_mult": 1},
+        *SWITCHES.values(),
+    ],
+)
 def test_the_parameter_count_is_the_models(variant):
     """memory.count_params, worked out from the config, against the model that config builds."""
-    config = GPTConfig(block_size=16, vocab_size=11, n_layer=3, n_head=4, n_embd=32, **variant)
+    config = GPTConfig(**{"block_size": 16, "vocab_size": 11, "n_layer": 3, "n_head": 4, "n_embd": 32, **variant})
     named = list(build_model(config).named_parameters())
     assert memory.count_params(config) == (sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p)))
 
 
 @pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
-@pytest.mark.parametrize("variant", [{}, {"dropout": 0.1}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, {"activation": "relu2"},
-                                     {"position": "rotary"}, {"qk_norm": True}, {"attn_dropout": 0.1}])
+@pytest.mark.parametrize(
+    "variant", [{}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, *(v for v in SWITCHES.values() if not {"model_type", "n_layer"} & set(v))]
+)
 def test_the_activation_count_is_what_autograd_saves(variant, dtype):
     """memory.block_bytes_per_token against what a second Block adds to the tensors autograd
     saves, per token, for each model variant."""
     config = {"block_size": 32, "vocab_size": 11, "n_head": 4, "n_embd": 64, "dropout": 0.0, **variant}
-    measured = (saved_bytes(GPTConfig(n_layer=2, **config), dtype) - saved_bytes(GPTConfig(n_layer=1, **config), dtype)) / (3 * 32)
+    tokens = 3 * config["block_size"]
+    measured = (saved_bytes(GPTConfig(n_layer=2, **config), dtype) - saved_bytes(GPTConfig(n_layer=1, **config), dtype)) / tokens
     expected = memory.block_bytes_per_token(GPTConfig(**config), dtype)
     if variant.get("attn_dropout"):
-        expected += 3 * 4 * 32 * memory.FLOAT  # three (B, n_head, T, T) float32 tensors: n_head x T per token
+        expected += 3 * config["n_head"] * config["block_size"] * memory.FLOAT  # three (B, n_head, T, T) float32 tensors
     assert measured == pytest.approx(expected, rel=0.1)
 
 
 @pytest.mark.skipif(not sys.platform.startswith("linux"), reason="reads /proc/PID/status")
 def test_the_estimate_is_within_its_factor_of_the_measured_peak(data_dir, tmp_path, random_model):
     """Peak anonymous memory of real runs in fresh processes, minus that of the imports and a
-    loaded model, against memory.py's estimate: a training run (3 steps, two evals and their
+    loaded model, against chargpt/memory.py's estimate: a training run (3 steps, two evals and their
     checkpoints) and a generation long enough to rebuild its KV cache, a few hundred MiB
     each. (The unfused attention of --attn_dropout is measured by bench.py memory: too slow
     for a test.)"""
-    training = ["--n_layer=2", "--n_head=4", "--n_embd=64", "--block_size=128", "--batch_size=128", "--dropout=0.1",
-                "--dtype=float32"]
+    training = [
+        "--n_layer=2",
+        "--n_head=4",
+        "--n_embd=64",
+        "--block_size=128",
+        "--batch_size=128",
+        "--dropout=0.1",
+        "--dtype=float32",
+    ]
     sampling = ["--num_samples=2000", "--max_new_tokens=70", "--decode_dtype=float32"]
-    baseline, *peaks = bench.peak_memory([
-        [sys.executable, "-c", bench.SAMPLE_BASELINE, str(random_model)],
-        bench.train_command(training, tmp_path / "o", data_dir, "tiny", steps=3),
-        bench.sample_command(str(random_model), sampling),
-    ])
+    baseline, *peaks = bench.peak_memory(
+        [
+            [sys.executable, "-c", bench.SAMPLE_BASELINE, str(random_model)],
+            bench.train_command(training, tmp_path / "o", data_dir, "tiny", steps=3),
+            bench.sample_command(str(random_model), sampling),
+        ]
+    )
     estimates = [bench.train_estimate(training, data_dir, "tiny"), bench.sample_estimate(str(random_model), sampling)]
     for peak, estimate in zip(peaks, estimates):
         measured = peak - baseline
         assert 1 / memory.ESTIMATE_FACTOR <= measured / estimate <= memory.ESTIMATE_FACTOR, (
-            memory.format_bytes(measured), memory.format_bytes(estimate), memory.format_bytes(baseline))
+            memory.format_bytes(measured),
+            memory.format_bytes(estimate),
+            memory.format_bytes(baseline),
+        )

@@ -6,8 +6,8 @@ import json
 import re
 import sys
 
-import metrics
 import train
+from chargpt import metrics
 from conftest import tiny_configs
 
 
@@ -26,7 +26,9 @@ def test_log_lines_metrics_and_plot(data_dir, tmp_path):
     out = tmp_path / "out"
     _, log = run(data_dir, out, eval_sample_chars=30)
     # the plain line keeps its old fields, in order, and ends with elapsed and ETA
-    assert re.search(r"^iter 30: loss \d+\.\d+, lr \S+, \S+ ms/iter, \S+ tokens/s, \S+ TFLOP/s, elapsed \d+s, ETA \d+s$", log, re.M), log
+    assert re.search(
+        r"^iter 30: loss \d+\.\d+, lr \S+, \S+ ms/iter, \S+ tokens/s, \S+ TFLOP/s, elapsed \d+s, ETA \d+s$", log, re.M
+    ), log
     evals, steps = records(out, "eval"), records(out, "train")
     assert [e["iter"] for e in evals] == [0, 20, 40] and [s["iter"] for s in steps] == [10, 20, 30, 40]
     logged_val = [float(v) for v in re.findall(r"step \d+: train loss \S+, val loss (\d+\.\d+)", log)]
@@ -83,4 +85,11 @@ def test_resume_cuts_metrics_back_and_appends(data_dir, tmp_path):
 
 
 def test_format_duration():
-    assert [metrics.format_duration(s) for s in (0, 59.6, 61, 3599, 3600, 7322)] == ["0s", "1m00s", "1m01s", "59m59s", "1h00m", "2h02m"]
+    assert [metrics.format_duration(s) for s in (0, 59.6, 61, 3599, 3600, 7322)] == [
+        "0s",
+        "1m00s",
+        "1m01s",
+        "59m59s",
+        "1h00m",
+        "2h02m",
+    ]

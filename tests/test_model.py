@@ -1,12 +1,12 @@
 """The network: causality, the fused attention against the lecture's Head, init, learning,
-and generation (KV cache against the uncached path, sampling controls)."""
+the lecture's generate, attention maps. The fast generation is tests/test_engine.py's."""
 
 import math
 
 import pytest
 import torch
 
-from model import GPT, BigramLanguageModel, Decoder, Dropout, GPTConfig, KVCache, sample_next
+from model import GPT, BigramLanguageModel, Dropout, GPTConfig
 
 
 def tiny(**overrides):
@@ -82,122 +82,6 @@ def test_bad_model_config_names_the_flag(overrides, flag):
         GPT(config)
 
 
-# -- generation ----------------------------------------------------------------------
-
-
-def generate(model, idx, n, kv_cache, seed=0, **kw):
-    g = torch.Generator().manual_seed(seed)
-    return torch.stack(list(model.generate(idx, n, generator=g, kv_cache=kv_cache, **kw)), dim=1)
-
-
-def test_cached_logits_match_uncached():
-    model = tiny()
-    idx = torch.randint(0, 11, (2, 16))
-    full, _ = model(idx)
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
-    prefill = model.prefill(idx[:, :6], cache)
-    assert torch.allclose(prefill, full[:, 5], atol=1e-5)
-    decoder = Decoder(model)
-    for t in range(6, 16):
-        step = decoder(idx[:, t], cache)
-        assert torch.allclose(step, full[:, t], atol=1e-5)
-    assert cache.pos == 16
-
-
-def test_cached_and_uncached_generation_agree_within_block_size():
-    model = tiny()
-    prompt = torch.randint(0, 11, (3, 4))
-    n = model.config.block_size - 4  # stays inside one window
-    assert torch.equal(generate(model, prompt, n, True), generate(model, prompt, n, False))
-
-
-def test_cached_generation_past_block_size_follows_its_window():
-    """Past block_size the cache restarts from the last block_size // 2 tokens; an uncached
-    reference that sees exactly those windows must give the same tokens."""
-    model = tiny()
-    bs, half = model.config.block_size, model.config.block_size // 2
-    prompt = torch.randint(0, 11, (2, 3))
-    n = 3 * bs
-    cached = generate(model, prompt, n, True, seed=5)
-    # reference: the window starts at 0 and, whenever it would hold more than block_size
-    # tokens, jumps forward to hold the last half of them
-    g = torch.Generator().manual_seed(5)
-    idx, start = prompt, 0
-    for _ in range(n):
-        if idx.shape[1] - start > bs:
-            start = idx.shape[1] - half
-        logits, _ = model(idx[:, start:])
-        idx = torch.cat([idx, sample_next(logits[:, -1], generator=g)[:, None]], dim=1)
-    assert torch.equal(cached, idx[:, prompt.shape[1] :])
-
-
-@pytest.mark.parametrize("dtype, atol", [(torch.float16, 0.01), (torch.bfloat16, 0.03), (torch.int8, 0.1)])
-def test_narrow_decode_stays_close_to_float32(dtype, atol):
-    """The float32 model prefills; a float16, bfloat16 or int8 copy decodes into the same
-    float32 cache, and its logits stay near the float32 ones (which span about +-1 here)."""
-    model = tiny()
-    idx = torch.randint(0, 11, (2, 16))
-    full, _ = model(idx)
-    decoder = Decoder(model, dtype)
-    cache = KVCache(model.config, 2, "cpu", torch.float32)
-    model.prefill(idx[:, :6], cache)
-    for t in range(6, 16):
-        step = decoder(idx[:, t], cache)
-        assert step.dtype == (torch.float32 if dtype == torch.int8 else dtype)
-        assert torch.allclose(step.float(), full[:, t], atol=atol), (t, (step.float() - full[:, t]).abs().max())
-
-
-def test_half_precision_generation_runs_past_block_size_and_leaves_the_model_alone():
-    model = tiny()
-    prompt = torch.randint(0, 11, (2, 3))
-    n = 3 * model.config.block_size  # two rebuilds of the cache
-    tokens = generate(model, prompt, n, True, decode_dtype=torch.float16)
-    assert tokens.shape == (2, n) and 0 <= tokens.min() and tokens.max() < 11
-    assert all(p.dtype == torch.float32 for p in model.parameters())
-    # float32 decode_dtype is the model itself: the same tokens as no decode_dtype
-    assert torch.equal(generate(model, prompt, n, True, decode_dtype=torch.float32), generate(model, prompt, n, True))
-
-
-def test_same_seed_same_text_and_different_seed_differs():
-    model = tiny()
-    prompt = torch.zeros(1, 1, dtype=torch.long)
-    a, b = generate(model, prompt, 40, True, seed=3), generate(model, prompt, 40, True, seed=3)
-    c = generate(model, prompt, 40, True, seed=4)
-    assert torch.equal(a, b) and not torch.equal(a, c)
-
-
-def test_temperature_zero_is_argmax():
-    logits = torch.tensor([[0.1, 2.0, -1.0], [3.0, 0.0, 2.9]])
-    assert sample_next(logits, temperature=0.0).tolist() == [1, 0]
-
-
-def test_top_k_keeps_the_k_most_likely_and_ties():
-    logits = torch.tensor([[5.0, 1.0, 5.0, 0.0, 4.0]])
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(logits, 1.0, top_k=2, generator=g).item() for _ in range(200)}
-    assert draws == {0, 2}
-    # ties at the k-th value stay in; k larger than the vocabulary is clamped
-    draws = {sample_next(logits, 1.0, top_k=1, generator=g).item() for _ in range(200)}
-    assert draws == {0, 2}
-    assert {sample_next(logits, 100.0, top_k=99, generator=g).item() for _ in range(500)} == {0, 1, 2, 3, 4}
-
-
-def test_top_p_keeps_the_nucleus():
-    probs = torch.tensor([[0.5, 0.3, 0.15, 0.05]])
-    g = torch.Generator().manual_seed(0)
-    draws = {sample_next(probs.log(), 1.0, top_p=0.7, generator=g).item() for _ in range(300)}
-    assert draws == {0, 1}
-    draws = {sample_next(probs.log(), 1.0, top_p=0.1, generator=g).item() for _ in range(50)}
-    assert draws == {0}
-
-
-def test_bigram_generates():
-    config = GPTConfig(model_type="bigram", block_size=8, vocab_size=11)
-    model = BigramLanguageModel(config)
-    out = generate(model, torch.zeros(2, 1, dtype=torch.long), 20, True)
-    assert out.shape == (2, 20)
-
-
 def test_attention_maps_are_causal_distributions_that_the_forward_uses():
     model = tiny()
     model.train()  # attention_maps must switch dropout off by itself, then restore the mode
@@ -236,3 +120,14 @@ def test_dropout_drops_a_fraction_p_and_keeps_the_mean():
     assert torch.equal(a, dropout(torch.ones(3, 5, 7))) and not torch.equal(a, b)
     dropout.eval()
     assert dropout(x) is x
+
+
+def test_the_lectures_generate_continues_the_context():
+    model = tiny()
+    idx = torch.randint(0, 11, (2, 3))
+    out = model.generate(idx, 30, generator=torch.Generator().manual_seed(0))  # past block_size: it crops
+    assert out.shape == (2, 33) and torch.equal(out[:, :3], idx) and 0 <= out.min() and out.max() < 11
+    again = model.generate(idx, 30, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(out, again)
+    bigram = BigramLanguageModel(GPTConfig(model_type="bigram", block_size=8, vocab_size=11))
+    assert bigram.generate(idx, 5).shape == (2, 8)

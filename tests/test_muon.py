@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from muon import MuonAdamW, orthogonalize
+from chargpt.muon import MuonAdamW, orthogonalize
 
 
 @pytest.mark.parametrize("shape", [(32, 96), (96, 32), (64, 64)])
@@ -28,8 +28,13 @@ def test_muon_steps_along_the_orthogonalized_momentum_and_adamw_as_adamw():
     w = torch.nn.Parameter(torch.randn(16, 8))
     b = torch.nn.Parameter(torch.randn(8))
     b_ref = torch.nn.Parameter(b.detach().clone())
-    opt = MuonAdamW([{"params": [w], "muon": True, "lr": 0.1, "weight_decay": 0.0},
-                     {"params": [b], "muon": False, "lr": 0.01, "weight_decay": 0.1}], betas=(0.9, 0.99))
+    opt = MuonAdamW(
+        [
+            {"params": [w], "muon": True, "lr": 0.1, "weight_decay": 0.0},
+            {"params": [b], "muon": False, "lr": 0.01, "weight_decay": 0.1},
+        ],
+        betas=(0.9, 0.99),
+    )
     ref = torch.optim.AdamW([b_ref], lr=0.01, betas=(0.9, 0.99), weight_decay=0.1, eps=1e-8)
     w0 = w.detach().clone()
     for _ in range(3):
@@ -63,9 +68,15 @@ def test_state_dict_has_the_torch_optimizer_layout_and_round_trips():
     checkpoints of the earlier torch.optim-based class load), and loading the state into a
     fresh optimizer continues the same trajectory."""
     torch.manual_seed(0)
-    make = lambda: [torch.nn.Parameter(torch.randn(8, 4)), torch.nn.Parameter(torch.randn(4, 8)), torch.nn.Parameter(torch.randn(4))]
-    groups = lambda ps: [{"params": ps[:2], "muon": True, "lr": 0.05, "weight_decay": 0.1},
-                         {"params": ps[2:], "muon": False, "lr": 0.01, "weight_decay": 0.0}]
+    make = lambda: [
+        torch.nn.Parameter(torch.randn(8, 4)),
+        torch.nn.Parameter(torch.randn(4, 8)),
+        torch.nn.Parameter(torch.randn(4)),
+    ]
+    groups = lambda ps: [
+        {"params": ps[:2], "muon": True, "lr": 0.05, "weight_decay": 0.1},
+        {"params": ps[2:], "muon": False, "lr": 0.01, "weight_decay": 0.0},
+    ]
     a, b = make(), make()
     for p, q in zip(a, b):
         q.data.copy_(p.data)

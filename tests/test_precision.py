@@ -5,11 +5,11 @@ import os
 import pytest
 import torch
 
-import precision
 import train
+from chargpt import machine as precision
+from chargpt.machine import cache_path
 from conftest import tiny_configs
 from model import GPT, GPTConfig
-from timing_cache import cache_path
 
 
 @pytest.fixture(autouse=True)
@@ -34,8 +34,9 @@ def test_a_cpu_without_bf16_units_gets_float32_without_timing(monkeypatch):
     assert precision.resolve_dtype("auto", "cpu", tiny_model(), (4, 16)) == "float32"
 
 
-@pytest.mark.parametrize("times, expected", [({"float32": 0.3, "bfloat16": 0.5}, "float32"),
-                                             ({"float32": 0.5, "bfloat16": 0.3}, "bfloat16")])
+@pytest.mark.parametrize(
+    "times, expected", [({"float32": 0.3, "bfloat16": 0.5}, "float32"), ({"float32": 0.5, "bfloat16": 0.3}, "bfloat16")]
+)
 def test_auto_takes_the_faster_and_caches_it(monkeypatch, times, expected):
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     calls, lines = [], []
@@ -54,7 +55,7 @@ def test_auto_takes_the_faster_and_caches_it(monkeypatch, times, expected):
 def test_a_corrupt_cache_is_timed_again(monkeypatch):
     monkeypatch.setattr(precision, "cpu_has_bf16_units", lambda: True)
     monkeypatch.setattr(precision, "time_dtypes", lambda model, shape: {"float32": 0.1, "bfloat16": 0.2})
-    path = cache_path(precision.CACHE)
+    path = cache_path(precision.DTYPE_CACHE)
     os.makedirs(os.path.dirname(path), exist_ok=True)
     with open(path, "w") as f:
         f.write("{not json")
@@ -74,7 +75,8 @@ def test_timing_leaves_the_model_and_the_random_streams_alone():
 
 def test_a_run_with_dtype_auto_says_what_it_chose(data_dir, tmp_path):
     lines = []
-    train.train(*tiny_configs(data_dir, tmp_path / "o", dtype="auto", max_iters=2, eval_interval=2, sample_chars=0),
-                log=lines.append)
+    train.train(
+        *tiny_configs(data_dir, tmp_path / "o", dtype="auto", max_iters=2, eval_interval=2, sample_chars=0), log=lines.append
+    )
     chosen = [line for line in lines if line.startswith("device cpu, dtype ")]
     assert chosen and chosen[0].split("dtype ")[1].split(",")[0] in ("float32", "bfloat16")

@@ -12,8 +12,8 @@ import numpy as np
 import pytest
 
 import prepare
+from chargpt.tokenizer import CharTokenizer
 from conftest import ROOT
-from tokenizer import CharTokenizer
 
 
 def test_encode_decode_round_trip(text):
@@ -107,9 +107,7 @@ def test_download_good_file(tmp_path, server):
     assert (out / "train.bin").exists() and (out / "meta.json").exists()
 
 
-@pytest.mark.parametrize(
-    "path, message", [("/missing", "404"), ("/truncated", "failed|cut short"), ("/changed", "wrong sha256")]
-)
+@pytest.mark.parametrize("path, message", [("/missing", "404"), ("/truncated", "failed|cut short"), ("/changed", "wrong sha256")])
 def test_download_failures_leave_nothing(tmp_path, server, capsys, path, message):
     out = tmp_path / "d"
     sha = hashlib.sha256(BODY).hexdigest()
@@ -128,7 +126,9 @@ def test_prepare_cli_uses_existing_input(tmp_path, text):
     # an unreachable URL proves nothing is downloaded when input.txt is there
     result = subprocess.run(
         [sys.executable, os.path.join(ROOT, "prepare.py"), "--out_dir", str(out), "--url", "http://127.0.0.1:9/x"],
-        capture_output=True, text=True, timeout=60,
+        capture_output=True,
+        text=True,
+        timeout=60,
     )
     assert result.returncode == 0, result.stderr
     assert (out / "train.bin").exists()

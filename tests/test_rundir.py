@@ -11,17 +11,32 @@ import sys
 import pytest
 
 import eval as eval_py
-import rundir
 import sample
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint
+from chargpt import rundir
+from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
 from conftest import ROOT, tiny_configs
 
 
 def flags(data_dir, out_dir, **extra):
-    base = dict(data_dir=data_dir, dataset="tiny", out_dir=out_dir, device="cpu", dtype="float32", n_layer=2, n_head=2,
-                n_embd=32, block_size=16, dropout=0.0, batch_size=8, max_iters=10, eval_interval=5, eval_iters=2,
-                sample_chars=0, eval_sample_chars=0)
+    base = dict(
+        data_dir=data_dir,
+        dataset="tiny",
+        out_dir=out_dir,
+        device="cpu",
+        dtype="float32",
+        n_layer=2,
+        n_head=2,
+        n_embd=32,
+        block_size=16,
+        dropout=0.0,
+        batch_size=8,
+        max_iters=10,
+        eval_interval=5,
+        eval_iters=2,
+        sample_chars=0,
+        eval_sample_chars=0,
+    )
     base.update(extra)
     return [f"--{k}={v}" for k, v in base.items()]
 
@@ -40,10 +55,10 @@ def snapshot(folder):
 def start_training(data_dir, out_dir, **extra):
     """A real train.py process that trains for long; returns once it has saved a checkpoint
     and is taking steps."""
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"),
-           *flags(data_dir, out_dir, max_iters=100000, log_interval=1, **extra)]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [sys.executable, os.path.join(ROOT, "train.py"), *flags(data_dir, out_dir, max_iters=100000, log_interval=1, **extra)]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     for line in proc.stdout:
         if line.startswith("iter 2:"):  # the step-0 checkpoint is on disk
             return proc
@@ -52,15 +67,19 @@ def start_training(data_dir, out_dir, **extra):
 
 def test_a_new_run_refuses_an_out_dir_with_a_trained_model(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    summary = train.train(*tiny_configs(data_dir, out, max_iters=10, eval_interval=5, sample_chars=20, eval_sample_chars=0), log=lambda m: None)
+    summary = train.train(
+        *tiny_configs(data_dir, out, max_iters=10, eval_interval=5, sample_chars=20, eval_sample_chars=0), log=lambda m: None
+    )
     before = snapshot(out)
     assert "best.pt" in before and "ckpt.pt" in before
 
     # the most common mistake: the same command again, or another experiment into the same folder
     code, err = main_error(capsys, train, flags(data_dir, out, max_iters=3))
     assert code == 1 and len(err.splitlines()) == 1, err
-    assert err.startswith(f"train.py: error: --out_dir {out} already holds a trained model (ckpt.pt at step 10, "
-                          f"best val loss {summary['best_val_loss']:.4f})"), err
+    assert err.startswith(
+        f"train.py: error: --out_dir {out} already holds a trained model (ckpt.pt at step 10, "
+        f"best val loss {summary['best_val_loss']:.4f})"
+    ), err
     for way in ("--init_from=resume", "another --out_dir", "--overwrite=True"):
         assert way in err
     assert snapshot(out) == before  # every file byte for byte, the lock file too
@@ -73,7 +92,9 @@ def test_a_new_run_refuses_an_out_dir_with_a_trained_model(data_dir, tmp_path, c
     # resuming is what the folder is for: it goes on from the checkpoint
     (out / "ckpt.pt").write_bytes(before["ckpt.pt"])
     lines = []
-    config, model_config = tiny_configs(data_dir, out, init_from="resume", max_iters=15, eval_interval=5, sample_chars=0, eval_sample_chars=0)
+    config, model_config = tiny_configs(
+        data_dir, out, init_from="resume", max_iters=15, eval_interval=5, sample_chars=0, eval_sample_chars=0
+    )
     assert train.train(config, model_config, log=lines.append)["iter_num"] == 15
     assert any("resuming from" in line and "at step 10" in line for line in lines)
 
@@ -84,7 +105,9 @@ def test_a_run_that_died_before_its_first_checkpoint_is_not_protected(data_dir, 
     (out / "config.json").write_text("{}")
     (out / "metrics.jsonl").write_text('{"type": "train", "iter": 10, "loss": 3.0}\n')
     (out / ".tmp-ckpt.ptabc").write_bytes(b"half a checkpoint")
-    train.train(*tiny_configs(data_dir, out, max_iters=5, eval_interval=5, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    train.train(
+        *tiny_configs(data_dir, out, max_iters=5, eval_interval=5, sample_chars=0, eval_sample_chars=0), log=lambda m: None
+    )
     assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == 5
     assert not (out / ".tmp-ckpt.ptabc").exists()
     assert '"iter": 10' not in (out / "metrics.jsonl").read_text()
@@ -92,7 +115,9 @@ def test_a_run_that_died_before_its_first_checkpoint_is_not_protected(data_dir, 
 
 def test_overwrite_starts_afresh(data_dir, tmp_path, capsys):
     out = tmp_path / "o"
-    train.train(*tiny_configs(data_dir, out, max_iters=10, eval_interval=5, sample_chars=20, eval_sample_chars=0), log=lambda m: None)
+    train.train(
+        *tiny_configs(data_dir, out, max_iters=10, eval_interval=5, sample_chars=20, eval_sample_chars=0), log=lambda m: None
+    )
     old_best = (out / "best.pt").read_bytes()
     assert train.main(flags(data_dir, out, max_iters=0, overwrite=True)) == 0
     # the new run's step-0 model, and nothing left of the old run
@@ -101,8 +126,9 @@ def test_overwrite_starts_afresh(data_dir, tmp_path, capsys):
     assert not (out / "samples.txt").exists()
 
     code, err = main_error(capsys, train, flags(data_dir, out, init_from="resume", overwrite=True))
-    assert code == 1 and err == ("train.py: error: --overwrite=True is for a new run (--init_from=scratch); "
-                                 "a resumed run goes on in its out_dir"), err
+    assert code == 1 and err == (
+        "train.py: error: --overwrite=True is for a new run (--init_from=scratch); a resumed run goes on in its out_dir"
+    ), err
 
 
 def test_a_refused_run_leaves_no_folder_behind(data_dir, tmp_path, capsys):
@@ -136,8 +162,9 @@ def test_one_run_per_out_dir_and_kill_9_frees_it(data_dir, tmp_path, capsys):
         proc.send_signal(signal.SIGKILL)
         proc.communicate(timeout=60)
     killed_at = load_checkpoint(str(out / "ckpt.pt"))["iter_num"]
-    config, model_config = tiny_configs(data_dir, out, init_from="resume", max_iters=killed_at + 2,
-                                        eval_interval=100000, sample_chars=0, eval_sample_chars=0)
+    config, model_config = tiny_configs(
+        data_dir, out, init_from="resume", max_iters=killed_at + 2, eval_interval=100000, sample_chars=0, eval_sample_chars=0
+    )
     assert train.train(config, model_config, log=lambda m: None)["iter_num"] == killed_at + 2
 
 

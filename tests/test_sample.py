@@ -24,8 +24,12 @@ def trained(tmp_path_factory, text):
 
 def sample(*args, cwd=None):
     return subprocess.run(
-        [sys.executable, os.path.join(ROOT, "sample.py"), *args], capture_output=True, text=True, timeout=120,
-        cwd=cwd, env={**os.environ, "OMP_NUM_THREADS": "1"},
+        [sys.executable, os.path.join(ROOT, "sample.py"), *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=cwd,
+        env={**os.environ, "OMP_NUM_THREADS": "1"},
     )
 
 
@@ -81,7 +85,7 @@ def test_sample_prefers_best_then_ckpt(trained, tmp_path):
         (["--num_samples=2.5"], "--num_samples expects an integer"),
         (["--max_new_tokens=-3"], "--max_new_tokens must be 0 or more"),
         (["--colour=red"], "unknown config key 'colour'"),
-        (["--decode_dtype=int4"], "--decode_dtype must be auto, float32, float16, bfloat16 or int8"),
+        (["--decode_dtype=int4"], "--decode_dtype must be 'auto', 'float32', 'float16', 'bfloat16' or 'int8'"),
     ],
 )
 def test_sample_bad_input(trained, flags, message):
@@ -126,8 +130,14 @@ def run_main(capsys, *flags):
 
 def test_attention_of_a_long_prompt_shows_its_last_block(trained, tmp_path, capsys):
     picture = tmp_path / "attn.png"
-    code, out, err = run_main(capsys, f"--out_dir={trained}", "--start=" + "KING:\nthe king and queen", f"--attention={picture}",
-                              "--max_new_tokens=0", "--device=cpu")
+    code, out, err = run_main(
+        capsys,
+        f"--out_dir={trained}",
+        "--start=" + "KING:\nthe king and queen",
+        f"--attention={picture}",
+        "--max_new_tokens=0",
+        "--device=cpu",
+    )
     assert code == 0 and "over 16 characters (the last block_size of the prompt)" in err and picture.exists()
 
 
@@ -136,15 +146,30 @@ def test_attention_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     assert code == 1 and out == "" and len(err.splitlines()) == 1 and str(tmp_path / "no") in err
     monkeypatch.setitem(sys.modules, "matplotlib", None)  # as if not installed
     code, out, err = run_main(capsys, f"--out_dir={trained}", f"--attention={tmp_path / 'attn.png'}")
-    assert code == 1 and out == "" and err == "sample.py: error: --attention needs matplotlib, which is not installed (pip install matplotlib)"
+    assert (
+        code == 1
+        and out == ""
+        and err == "sample.py: error: --attention needs matplotlib, which is not installed (pip install matplotlib)"
+    )
 
 
 def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, text):
     from prepare import prepare
 
     prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1,
-                              eval_iters=1, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    train.train(
+        *tiny_configs(
+            str(tmp_path / "data"),
+            tmp_path / "out",
+            model_type="bigram",
+            max_iters=1,
+            eval_interval=1,
+            eval_iters=1,
+            sample_chars=0,
+            eval_sample_chars=0,
+        ),
+        log=lambda m: None,
+    )
     code, out, err = run_main(capsys, f"--out_dir={tmp_path / 'out'}", f"--attention={tmp_path / 'attn.png'}")
     assert code == 1 and "bigram model, which has no attention" in err and len(err.splitlines()) == 1
 

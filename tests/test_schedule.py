@@ -9,11 +9,12 @@ import re
 import pytest
 import torch
 
-import metrics
 import train
+from chargpt import metrics
+from chargpt.checkpoint import budget_change_note, load_checkpoint
+from chargpt.config import TrainConfig
+from chargpt.schedule import SAFETY, RunProgress, get_lr, schedule_lr, step_progress
 from conftest import tiny_configs
-from schedule import SAFETY, RunProgress, get_lr, schedule_lr, step_progress
-from train import TrainConfig
 
 # what the budget runs below may go past their budget: the process's own hiccups on a shared
 # machine, not the run's decisions (those are tested with fixed numbers)
@@ -31,14 +32,17 @@ def old_get_lr(it, config):
     return config.min_lr + 0.5 * (1.0 + math.cos(math.pi * progress)) * (config.learning_rate - config.min_lr)
 
 
-@pytest.mark.parametrize("kw", [
-    dict(),
-    dict(max_iters=4500, learning_rate=2e-3, min_lr=2e-4),
-    dict(max_iters=40, warmup_iters=5, lr_decay_iters=60),
-    dict(max_iters=3000, warmup_iters=0, learning_rate=1e-2, min_lr=1e-3),
-    dict(max_iters=4, warmup_iters=5),  # warmup longer than the run
-    dict(max_iters=5000, learning_rate=3e-4, min_lr=3e-4, warmup_iters=0),
-])
+@pytest.mark.parametrize(
+    "kw",
+    [
+        dict(),
+        dict(max_iters=4500, learning_rate=2e-3, min_lr=2e-4),
+        dict(max_iters=40, warmup_iters=5, lr_decay_iters=60),
+        dict(max_iters=3000, warmup_iters=0, learning_rate=1e-2, min_lr=1e-3),
+        dict(max_iters=4, warmup_iters=5),  # warmup longer than the run
+        dict(max_iters=5000, learning_rate=3e-4, min_lr=3e-4, warmup_iters=0),
+    ],
+)
 def test_cosine_step_schedule_is_unchanged_bit_for_bit(kw):
     config = TrainConfig(**kw)
     for it in range(0, config.max_iters + 20, max(1, config.max_iters // 997)):
@@ -46,8 +50,7 @@ def test_cosine_step_schedule_is_unchanged_bit_for_bit(kw):
 
 
 def test_wsd_warms_up_holds_then_decays_linearly_to_min_lr():
-    config = TrainConfig(max_iters=1100, warmup_iters=100, learning_rate=1e-2, min_lr=1e-3, lr_schedule="wsd",
-                         cooldown_frac=0.2)
+    config = TrainConfig(max_iters=1100, warmup_iters=100, learning_rate=1e-2, min_lr=1e-3, lr_schedule="wsd", cooldown_frac=0.2)
     lrs = [get_lr(it, config) for it in range(config.max_iters + 1)]
     assert lrs[0] == pytest.approx(1e-2 / 101) and lrs[99] == pytest.approx(1e-2 * 100 / 101)  # warmup in steps
     assert all(lr == 1e-2 for lr in lrs[100:900])  # stable: p < 0.8 of the 1000 steps after warmup
@@ -112,22 +115,23 @@ def test_a_step_run_ends_at_max_iters_whatever_the_time():
 
 def test_budget_change_on_resume_is_a_note():
     ckpt = {"train_config": {"time_budget": 15.0}}
-    assert train.budget_change_note(ckpt, "o/ckpt.pt", TrainConfig(time_budget=15.0)) is None
-    note = train.budget_change_note(ckpt, "o/ckpt.pt", TrainConfig(time_budget=20.0))
+    assert budget_change_note(ckpt, "o/ckpt.pt", TrainConfig(time_budget=15.0)) is None
+    note = budget_change_note(ckpt, "o/ckpt.pt", TrainConfig(time_budget=20.0))
     assert "a time budget of 15 min" in note and "--time_budget=20" in note
-    note = train.budget_change_note({"train_config": {"max_iters": 100}}, "o/ckpt.pt", TrainConfig(time_budget=1.5))
+    note = budget_change_note({"train_config": {"max_iters": 100}}, "o/ckpt.pt", TrainConfig(time_budget=1.5))
     assert "max_iters (no time budget)" in note and "--time_budget=1.5" in note
 
 
 def test_budget_progress_line_shows_the_time_left(tmp_path):
     lines, terminal = [], io.StringIO()
     start = metrics.time.time() - 5.0
-    report = metrics.Reporter(str(tmp_path), lines.append, terminal, 0, 5000, 128, resume=False,
-                              time_budget=60.0, t_start=start)
+    report = metrics.Reporter(str(tmp_path), lines.append, terminal, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
     report.show_live(10, 2.5, 1e-3)
-    assert re.search(r"^\riter 10 \| loss 2\.5000 \| lr 1\.00e-03 \| \S+ tokens/s \| elapsed 5s \| 5\ds left", terminal.getvalue())
+    assert re.search(
+        r"^\riter 10 \| loss 2\.5000 \| lr 1\.00e-03 \| \S+ tokens/s \| elapsed 5s \| 5\ds left", terminal.getvalue()
+    )
     plain = metrics.Reporter(str(tmp_path), lines.append, None, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
-    plain.train_step(20, 2.5, 1e-3, 0.01, 1e6)
+    plain.train_step(20, 2.5, 1e-3, 1e6)
     assert re.search(r"elapsed 5s, 5\ds left$", lines[-1])
     plain.done(20, 2.4)
     assert lines[-1].startswith("done: budget of 1 min spent: 20 steps in 5.")
@@ -167,8 +171,10 @@ def test_time_budget_run_stops_within_its_budget(data_dir, tmp_path, monkeypatch
     assert done["type"] == "done" and done["time_budget"] == 0.05
     assert done["iter"] == summary["iter_num"] > 2  # the budget, not max_iters, ended it
     assert done["elapsed"] <= 3.0 + SLACK_SECONDS
-    assert re.fullmatch(rf"done: budget of 0\.05 min spent: {summary['iter_num']:,} steps in \d+\.\ds.*, best val loss \d\.\d+", lines[-1])
-    ckpt = train.load_checkpoint(str(out / "ckpt.pt"))
+    assert re.fullmatch(
+        rf"done: budget of 0\.05 min spent: {summary['iter_num']:,} steps in \d+\.\ds.*, best val loss \d\.\d+", lines[-1]
+    )
+    ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter_num"] == summary["iter_num"] and 0 < ckpt["elapsed"] <= done["elapsed"]
     assert (out / "samples.txt").exists()
     steps = [r for r in records(out) if r["type"] == "train"]
@@ -188,7 +194,7 @@ def test_resume_spends_only_the_rest_of_the_budget(data_dir, tmp_path, monkeypat
         m.setattr(train.StopRequested, "requested", stop_after_5_steps)
         summary, _ = budget_run(data_dir, out, monkeypatch, **budget)
     assert summary["stopped"] and summary["iter_num"] == 5
-    spent = train.load_checkpoint(str(out / "ckpt.pt"))["elapsed"]
+    spent = load_checkpoint(str(out / "ckpt.pt"))["elapsed"]
     assert 0 < spent < 6.0
     t0 = metrics.time.time()
     summary, lines = budget_run(data_dir, out, monkeypatch, init_from="resume", **budget)

@@ -3,7 +3,6 @@ port, and the page itself driven by a real headless Chromium."""
 
 import http.client
 import json
-import os
 import shutil
 import socket
 import threading
@@ -15,8 +14,8 @@ import torch
 import sample
 import serve
 import train
+from chargpt.metrics import read_records
 from conftest import tiny_configs
-from metrics import read_records
 from sample import SampleConfig, generate_tokens
 
 LIMIT = 100_000  # max_new_tokens_limit of the test server: room for a generation that only a disconnect ends
@@ -28,8 +27,9 @@ def trained(tmp_path_factory, text):
 
     root = tmp_path_factory.mktemp("serve")
     prepare(text, str(root / "data" / "tiny"))
-    train.train(*tiny_configs(str(root / "data"), root / "out", max_iters=60, sample_chars=0, eval_sample_chars=30),
-                log=lambda m: None)
+    train.train(
+        *tiny_configs(str(root / "data"), root / "out", max_iters=60, sample_chars=0, eval_sample_chars=30), log=lambda m: None
+    )
     shutil.rmtree(root / "data")  # serving must not need the dataset
     return root / "out"
 
@@ -154,7 +154,14 @@ def test_attention_of_a_long_text_shows_its_last_block(server):
         ("POST", "/api/generate", {"prompt": "KING", "top_k": -1}, 400, "top_k", "must be 0 or more"),
         ("POST", "/api/generate", {"prompt": "KING", "top_k": 2.5}, 400, "top_k", "expected an integer"),
         ("POST", "/api/generate", {"prompt": "KING", "max_new_tokens": -1}, 400, "max_new_tokens", f"must be in 0..{LIMIT}"),
-        ("POST", "/api/generate", {"prompt": "KING", "max_new_tokens": LIMIT + 1}, 400, "max_new_tokens", "--max_new_tokens_limit"),
+        (
+            "POST",
+            "/api/generate",
+            {"prompt": "KING", "max_new_tokens": LIMIT + 1},
+            400,
+            "max_new_tokens",
+            "--max_new_tokens_limit",
+        ),
         ("POST", "/api/generate", {"prompt": "KING", "seed": -1}, 400, "seed", "must be in 0..2**64-1"),
         ("POST", "/api/generate", {"prompt": "KING", "seed": True}, 400, "seed", "expected an integer, got true"),
         ("POST", "/api/generate", {"prompt": "KING", "colour": "red"}, 400, "colour", "unknown field"),
@@ -179,8 +186,10 @@ def test_requests_the_server_refuses_before_reading(server):
     assert status == 415 and answer["field"] == "Content-Type"
     # a body over the limit is refused from its Content-Length, unread
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
-        client.sendall(b"POST /api/attention HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       b"Content-Length: 2000000\r\n\r\n{\"text\": \"kkkk")
+        client.sendall(
+            b"POST /api/attention HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            b'Content-Length: 2000000\r\n\r\n{"text": "kkkk'
+        )
         reply = client.makefile("rb").read().decode()
     assert reply.startswith("HTTP/1.0 413") and '"field": "body"' in reply and "2,000,000 bytes, more than the limit" in reply
     # a page elsewhere that points its own name at 127.0.0.1 (DNS rebinding) is not this machine's page
@@ -194,8 +203,11 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server):
     before = len(playground.finished)
     body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
     with socket.create_connection(("127.0.0.1", server.server_address[1]), timeout=60) as client:
-        client.sendall(b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
-                       + f"Content-Length: {len(body)}\r\n\r\n".encode() + body)
+        client.sendall(
+            b"POST /api/generate HTTP/1.1\r\nHost: 127.0.0.1\r\nContent-Type: application/json\r\n"
+            + f"Content-Length: {len(body)}\r\n\r\n".encode()
+            + body
+        )
         received = b""
         while received.count(b"data: ") < 5:  # a few characters arrive, then the client goes
             received += client.recv(4096)
@@ -210,8 +222,10 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server):
 
 def test_concurrent_clients_each_get_their_own_stream(server):
     playground = server.playground
-    requests = [{"prompt": prompt, "max_new_tokens": 60, "seed": seed, "temperature": 1.0}
-                for prompt, seed in [("ROMEO:", 1), ("JULIET:", 2), ("KING:", 3), ("QUEEN:", 4), ("ROMEO:", 5), ("KING:", 1)]]
+    requests = [
+        {"prompt": prompt, "max_new_tokens": 60, "seed": seed, "temperature": 1.0}
+        for prompt, seed in [("ROMEO:", 1), ("JULIET:", 2), ("KING:", 3), ("QUEEN:", 4), ("ROMEO:", 5), ("KING:", 1)]
+    ]
     expected = []
     for r in requests:
         config = SampleConfig(start=r["prompt"], max_new_tokens=60, seed=r["seed"], temperature=1.0)
@@ -247,8 +261,19 @@ def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text
     from prepare import prepare
 
     prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1,
-                              eval_iters=1, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    train.train(
+        *tiny_configs(
+            str(tmp_path / "data"),
+            tmp_path / "out",
+            model_type="bigram",
+            max_iters=1,
+            eval_interval=1,
+            eval_iters=1,
+            sample_chars=0,
+            eval_sample_chars=0,
+        ),
+        log=lambda m: None,
+    )
     server = start_server(tmp_path / "out")
     try:
         info = call(server, "GET", "/api/info")[2]
@@ -267,19 +292,34 @@ def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, text, c
     from prepare import prepare
 
     prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(*tiny_configs(str(tmp_path / "data"), tmp_path / "out", position="rotary", qk_norm=True, activation="relu2",
-                              max_iters=5, eval_interval=5, eval_iters=1, sample_chars=0, eval_sample_chars=0),
-                log=lambda m: None)
+    train.train(
+        *tiny_configs(
+            str(tmp_path / "data"),
+            tmp_path / "out",
+            position="rotary",
+            qk_norm=True,
+            activation="relu2",
+            max_iters=5,
+            eval_interval=5,
+            eval_iters=1,
+            sample_chars=0,
+            eval_sample_chars=0,
+        ),
+        log=lambda m: None,
+    )
     server = start_server(tmp_path / "out")
     try:
         playground, prompt = server.playground, "QUEEN:\nmy lord"
         answer = call(server, "POST", "/api/attention", {"text": prompt})[2]
         idx = torch.tensor([playground.tokenizer.encode(prompt)])
-        torch.testing.assert_close(torch.tensor(answer["weights"], dtype=torch.float64),
-                                   playground.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+        torch.testing.assert_close(
+            torch.tensor(answer["weights"], dtype=torch.float64), playground.model.attention_maps(idx).double(), atol=1e-5, rtol=0
+        )
         streamed = streamed_text(server, prompt="QUEEN:", max_new_tokens=30, seed=2)
-        assert sample.main([f"--out_dir={tmp_path / 'out'}", "--start=QUEEN:", "--device=cpu", "--max_new_tokens=30",
-                            "--seed=2"]) == 0
+        assert (
+            sample.main([f"--out_dir={tmp_path / 'out'}", "--start=QUEEN:", "--device=cpu", "--max_new_tokens=30", "--seed=2"])
+            == 0
+        )
         assert capsys.readouterr().out == "QUEEN:" + streamed + "\n"
     finally:
         server.shutdown()
@@ -330,9 +370,17 @@ def browser():
         pytest.skip("the browser test needs Chromium and its driver (apt-get install chromium chromium-driver)")
     options = webdriver.ChromeOptions()
     options.binary_location = chromium
-    for flag in ("--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                 "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                 "--window-size=1400,1000"):
+    for flag in (
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-quic",
+        "--no-first-run",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--disable-sync",
+        "--window-size=1400,1000",
+    ):
         options.add_argument(flag)
     return webdriver.Chrome(options=options, service=Service(driver))  # a fresh profile of its own
 

@@ -2,6 +2,7 @@
 each changes the parameters and the forward exactly as it says, the defaults are the model
 as it was before the switches, and every stage's model samples, decodes and draws attention."""
 
+import dataclasses
 import itertools
 import os
 
@@ -9,9 +10,10 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from chargpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from chargpt.engine import Decoder, KVCache, prefill
 from conftest import ROOT
-from model import GPT, Decoder, GPTConfig, KVCache
+from model import GPT, GPTConfig
 
 V, T, C, NH, L = 11, 16, 32, 4, 2  # vocab, block_size, n_embd, n_head, n_layer
 
@@ -33,6 +35,46 @@ def expected_params(ffwd_mult=4, residual=True, proj=True, layer_norm=True):
     norms = (2 * C + (2 * C if ffwd_mult else 0)) if layer_norm else 0  # ln1, ln2: a gain and a bias each
     final = (2 * C if layer_norm else 0) + C * V + V  # ln_f, lm_head
     return embeddings + L * (attention + ffwd + norms) + final
+
+
+# Every GPTConfig field, with a value other than its default that still builds a model. A
+# new switch must be added here (a test checks the list is whole), and then the KV-cache
+# decoder and the memory estimate (tests/test_memory.py) are held to it: neither can miss it.
+SWITCHES = {
+    "model_type": {"model_type": "bigram"},
+    "block_size": {"block_size": 8},
+    "vocab_size": {"vocab_size": 7},
+    "n_layer": {"n_layer": 3},
+    "n_head": {"n_head": 2},
+    "n_embd": {"n_embd": 48},
+    "dropout": {"dropout": 0.1},
+    "attn_dropout": {"attn_dropout": 0.1},
+    "ffwd_mult": {"ffwd_mult": 1},
+    "residual": {"residual": False},
+    "proj": {"proj": False, "ffwd_mult": 1},
+    "layer_norm": {"layer_norm": False},
+    "init": {"init": "pytorch"},
+    "activation": {"activation": "relu2"},
+    "position": {"position": "rotary"},
+    "qk_norm": {"qk_norm": True},
+    "bias": {"bias": False},
+}
+
+
+def test_every_config_field_is_in_the_switch_list():
+    assert set(SWITCHES) == {f.name for f in dataclasses.fields(GPTConfig)}
+
+
+@pytest.mark.parametrize("switch", [k for k in SWITCHES if k != "model_type"])
+def test_kv_cache_decoder_follows_every_switch(switch):
+    config = {"block_size": T, "vocab_size": V, "n_layer": L, "n_head": NH, "n_embd": C, "dropout": 0.0, **SWITCHES[switch]}
+    torch.manual_seed(0)
+    model = GPT(GPTConfig(**config))
+    torch.nn.init.normal_(model.lm_head.weight, std=0.1)
+    model.eval()
+    T_ = model.config.block_size
+    idx = torch.randint(0, model.config.vocab_size, (2, T_), generator=torch.Generator().manual_seed(3))
+    assert_decoder_matches_forward(model, idx, prompt=3)
 
 
 # every valid combination: without the projection back FeedForward is at most n_embd wide
@@ -62,7 +104,7 @@ def reference_forward(model, idx):
         x = x + a if c.residual else a
         if c.ffwd_mult:
             h = F.layer_norm(x, (C,), block.ln2.weight, block.ln2.bias) if c.layer_norm else x
-            fc = block.ffwd.net[0]
+            fc = block.ffwd.net[0]  # the lecture's nn.Sequential: Linear, ReLU, Linear, Dropout
             f = F.relu(fc(h))  # (B, T, ffwd_mult * C)
             if c.proj:
                 f = block.ffwd.net[2](f)  # (B, T, C)
@@ -80,14 +122,17 @@ def test_forward_does_what_the_switches_say(switches):
     torch.testing.assert_close(logits, reference_forward(model, idx), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("switch, value", [("ffwd_mult", 0), ("ffwd_mult", 1), ("residual", False),
-                                           ("proj", False), ("layer_norm", False)])
+@pytest.mark.parametrize(
+    "switch, value", [("ffwd_mult", 0), ("ffwd_mult", 1), ("residual", False), ("proj", False), ("layer_norm", False)]
+)
 def test_each_switch_alone_changes_the_function(switch, value):
     """Flipped alone (proj=False with the 1x FeedForward it needs), a switch changes the logits
     of a model whose shared weights are the same."""
     base = {"ffwd_mult": 1} if switch == "proj" else {}
     full, changed = build(**base), build(**base, **{switch: value})
-    shared = {k: v for k, v in full.state_dict().items() if k in changed.state_dict() and v.shape == changed.state_dict()[k].shape}
+    shared = {
+        k: v for k, v in full.state_dict().items() if k in changed.state_dict() and v.shape == changed.state_dict()[k].shape
+    }
     changed.load_state_dict(shared, strict=False)  # the weights they share
     idx = torch.randint(0, V, (2, T), generator=torch.Generator().manual_seed(2))
     assert not torch.allclose(full(idx)[0], changed(idx)[0], atol=1e-4)
@@ -137,9 +182,9 @@ def assert_decoder_matches_forward(model, idx, prompt):
     the KV cache: the logits are the full forward's at the same positions."""
     full, _ = model(idx)
     cache = KVCache(model.config, idx.shape[0], "cpu", torch.float32)
-    steps = [model.prefill(idx[:, :prompt], cache)]
+    steps = [prefill(model, idx[:, :prompt], cache)]
     decoder = Decoder(model)
-    steps += [decoder(idx[:, t], cache) for t in range(prompt, idx.shape[1])]
+    steps += [decoder(idx[:, t : t + 1], cache) for t in range(prompt, idx.shape[1])]
     torch.testing.assert_close(torch.stack(steps, dim=1), full[:, prompt - 1 :], atol=1e-5, rtol=1e-5)
 
 
@@ -168,18 +213,29 @@ def test_attention_maps_rebuild_a_stage_without_residuals_or_layer_norm():
 def test_a_checkpoint_records_the_switches_and_rebuilds_the_stage(tmp_path):
     model = build(ffwd_mult=1, residual=False, proj=False, layer_norm=False, init="pytorch")
     path = str(tmp_path / "stage.pt")
-    save_checkpoint({"model": model.state_dict(), "model_config": vars(model.config), "vocab": "abcdefghijk",
-                     "iter_num": 0}, path)
+    save_checkpoint(
+        {"model": model.state_dict(), "model_config": vars(model.config), "vocab": "abcdefghijk", "iter_num": 0}, path
+    )
     loaded, _ = model_from_checkpoint(load_checkpoint(path))
-    assert (loaded.config.ffwd_mult, loaded.config.residual, loaded.config.proj, loaded.config.layer_norm) == (1, False, False, False)
+    assert (loaded.config.ffwd_mult, loaded.config.residual, loaded.config.proj, loaded.config.layer_norm) == (
+        1,
+        False,
+        False,
+        False,
+    )
     idx = torch.randint(0, V, (2, T))
     assert torch.equal(loaded(idx)[0], model(idx)[0])
 
 
 # -- options beyond the lecture: squared ReLU, rotary positions, QK-norm ---------------------
 
-OPTIONS = [dict(activation="relu2"), dict(position="rotary"), dict(qk_norm=True), dict(bias=False),
-           dict(activation="relu2", position="rotary", qk_norm=True, bias=False)]
+OPTIONS = [
+    dict(activation="relu2"),
+    dict(position="rotary"),
+    dict(qk_norm=True),
+    dict(bias=False),
+    dict(activation="relu2", position="rotary", qk_norm=True, bias=False),
+]
 
 
 def test_rotary_positions_replace_the_table_and_keep_only_relative_distance():
@@ -259,8 +315,13 @@ def test_options_cache_decode_and_attention_maps_agree_with_the_forward(options)
     torch.testing.assert_close(out, block.sa(h), atol=1e-5, rtol=1e-5)
 
 
-@pytest.mark.parametrize("key, value, message", [("activation", "gelu", "--activation must be 'relu' or 'relu2'"),
-                                                 ("position", "alibi", "--position must be 'learned' or 'rotary'")])
+@pytest.mark.parametrize(
+    "key, value, message",
+    [
+        ("activation", "gelu", "--activation must be 'relu' or 'relu2'"),
+        ("position", "alibi", "--position must be 'learned' or 'rotary'"),
+    ],
+)
 def test_bad_option_names_the_flag(key, value, message):
     with pytest.raises(ValueError, match=message):
         GPT(GPTConfig(vocab_size=V, **{key: value}))

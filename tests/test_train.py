@@ -10,7 +10,8 @@ import pytest
 import torch
 
 import train
-from checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from chargpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
+from chargpt.data import BatchSampler
 from conftest import ROOT, tiny_configs
 from model import GPT, GPTConfig
 
@@ -54,9 +55,23 @@ def test_muon_run_learns_and_uses_muon_for_the_block_matrices_only(data_dir, tmp
 def test_a_muon_run_does_not_import_torch_dynamo(data_dir, tmp_path):
     """torch._dynamo takes 1.5 s to import, a tenth of the CPU recipe's run: neither the
     memory check nor the optimizer may pull it in (only --compile needs it)."""
-    flags = [f"--{k}={v}" for k, v in dict(data_dir=data_dir, dataset="tiny", out_dir=tmp_path / "o", device="cpu",
-                                              n_layer=1, n_head=2, n_embd=16, block_size=8, max_iters=2, eval_iters=1,
-                                              optimizer="muon", sample_chars=0).items()]
+    flags = [
+        f"--{k}={v}"
+        for k, v in dict(
+            data_dir=data_dir,
+            dataset="tiny",
+            out_dir=tmp_path / "o",
+            device="cpu",
+            n_layer=1,
+            n_head=2,
+            n_embd=16,
+            block_size=8,
+            max_iters=2,
+            eval_iters=1,
+            optimizer="muon",
+            sample_chars=0,
+        ).items()
+    ]
     code = f"import sys, train; assert train.main({flags!r}) == 0; print('torch._dynamo' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
@@ -146,8 +161,17 @@ def main_error(capsys, argv):
     ],
 )
 def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, capsys, flags, message):
-    base = [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--n_layer=1",
-            "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu", "--max_iters=2"]
+    base = [
+        f"--data_dir={data_dir}",
+        "--dataset=tiny",
+        f"--out_dir={tmp_path / 'o'}",
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=32",
+        "--block_size=16",
+        "--device=cpu",
+        "--max_iters=2",
+    ]
     code, err = main_error(capsys, base + flags)
     assert code == 1
     assert len(err.splitlines()) == 1 and message.replace("data/", os.path.join(data_dir, "")) in err or message in err, err
@@ -164,11 +188,26 @@ def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
 
 def test_sigterm_saves_and_resumes(data_dir, tmp_path):
     out = tmp_path / "o"
-    cmd = [sys.executable, os.path.join(ROOT, "train.py"), f"--data_dir={data_dir}", "--dataset=tiny",
-           f"--out_dir={out}", "--n_layer=1", "--n_head=2", "--n_embd=32", "--block_size=16", "--device=cpu",
-           "--dtype=float32", "--max_iters=100000", "--eval_interval=100000", "--eval_iters=2", "--log_interval=1"]
-    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                            env={**os.environ, "OMP_NUM_THREADS": "1"})
+    cmd = [
+        sys.executable,
+        os.path.join(ROOT, "train.py"),
+        f"--data_dir={data_dir}",
+        "--dataset=tiny",
+        f"--out_dir={out}",
+        "--n_layer=1",
+        "--n_head=2",
+        "--n_embd=32",
+        "--block_size=16",
+        "--device=cpu",
+        "--dtype=float32",
+        "--max_iters=100000",
+        "--eval_interval=100000",
+        "--eval_iters=2",
+        "--log_interval=1",
+    ]
+    proc = subprocess.Popen(
+        cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env={**os.environ, "OMP_NUM_THREADS": "1"}
+    )
     for line in proc.stdout:  # wait until it is really training
         if line.startswith("iter 5:"):
             break
@@ -192,7 +231,7 @@ def test_epoch_order_visits_every_window_once_per_epoch():
     import numpy as np
 
     # token i is i, so a window's first token is where it starts
-    sampler = train.BatchSampler(np.arange(1000, dtype=np.int64), block_size=10, batch_size=7, seed=0, order="epoch")
+    sampler = BatchSampler(np.arange(1000, dtype=np.int64), block_size=10, batch_size=7, seed=0, order="epoch")
     starts = []
     for _ in range(14):  # 98 of the first epoch's 99 windows
         x, y = sampler.next("cpu")

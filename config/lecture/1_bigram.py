@@ -4,6 +4,7 @@ guess gives ln(65) = 4.17; this model starts uniform, at 4.17).
 
     python train.py config/lecture/1_bigram.py
 """
+
 out_dir = "out-lecture/1_bigram"
 dataset = "shakespeare_char"
 dtype = "float32"

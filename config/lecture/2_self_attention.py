@@ -5,6 +5,7 @@ The lecture: val loss 2.4.
 
     python train.py config/lecture/2_self_attention.py
 """
+
 out_dir = "out-lecture/2_self_attention"
 dataset = "shakespeare_char"
 dtype = "float32"

@@ -3,6 +3,7 @@ each head can look for something different. The lecture: val loss 2.28.
 
     python train.py config/lecture/3_multi_head.py
 """
+
 out_dir = "out-lecture/3_multi_head"
 dataset = "shakespeare_char"
 dtype = "float32"

@@ -3,6 +3,7 @@ so a character can think about what it gathered. The lecture: val loss 2.24.
 
     python train.py config/lecture/4_feed_forward.py
 """
+
 out_dir = "out-lecture/4_feed_forward"
 dataset = "shakespeare_char"
 dtype = "float32"

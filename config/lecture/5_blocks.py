@@ -4,6 +4,7 @@ Deeper, but without residual connections the net is hard to optimise: the lectur
 
     python train.py config/lecture/5_blocks.py
 """
+
 out_dir = "out-lecture/5_blocks"
 dataset = "shakespeare_char"
 dtype = "float32"

@@ -4,6 +4,7 @@ inside). Gradients now reach the first Block. The lecture: val loss 2.08.
 
     python train.py config/lecture/6_residual.py
 """
+
 out_dir = "out-lecture/6_residual"
 dataset = "shakespeare_char"
 dtype = "float32"

@@ -4,6 +4,7 @@ val loss 2.06; stage 8 adds dropout and scales it up.
 
     python train.py config/lecture/7_layer_norm.py
 """
+
 out_dir = "out-lecture/7_layer_norm"
 dataset = "shakespeare_char"
 dtype = "float32"

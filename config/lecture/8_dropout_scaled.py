@@ -6,6 +6,7 @@ CPU this takes many hours (config/shakespeare_char.py gets there on 2 cores).
 
     python train.py config/lecture/8_dropout_scaled.py
 """
+
 out_dir = "out-lecture/8_dropout_scaled"
 dataset = "shakespeare_char"
 

@@ -114,8 +114,12 @@ class RunProgress:
         return self.budget > 0 and self.config.sample_chars > 0 and self.char_seconds is None
 
     def state_dict(self):
-        return {"step_seconds": self.step_seconds, "eval_seconds": self.eval_seconds, "char_seconds": self.char_seconds,
-                "eval_pace": self.eval_pace}
+        return {
+            "step_seconds": self.step_seconds,
+            "eval_seconds": self.eval_seconds,
+            "char_seconds": self.char_seconds,
+            "eval_pace": self.eval_pace,
+        }
 
     def load_state_dict(self, state):
         for key in ("step_seconds", "eval_seconds", "char_seconds", "eval_pace"):

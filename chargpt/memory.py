@@ -85,10 +85,14 @@ def block_bytes_per_token(model_config, dtype="float32"):
     c, C, m = model_config, model_config.n_embd, model_config.ffwd_mult
     act = 2 if dtype == "bfloat16" else FLOAT  # the bytes of what the matrix products save
     branches = 2 if m else 1  # attention, and FeedForward unless ffwd_mult is 0
-    # the residual stream into each branch's LayerNorm (float32), and in the compute dtype
-    # the input of qkv (C), the attention's q, k, v (3C) and output (C), the input of
-    # FeedForward (C) and its hidden layer after the ReLU (ffwd_mult x C)
-    saved = branches * C * FLOAT + (5 + (1 + m if m else 0)) * C * act
+    # each branch's LayerNorm keeps its input, the residual stream (float32; without residual
+    # connections the stream is the last branch's output, in the compute dtype), and a mean
+    # and 1/std per token
+    stream = FLOAT if c.residual else act
+    saved = branches * (C * stream + 2 * FLOAT) if c.layer_norm else 0
+    # and in the compute dtype: the input of qkv (C), the attention's q, k, v (3C) and output
+    # (C), the input of FeedForward (C) and its hidden layer after the ReLU (ffwd_mult x C)
+    saved += (5 + (1 + m if m else 0)) * C * act
     if c.activation == "relu2":
         saved += m * C * act  # the ReLU's output as well as its square
     if c.position == "rotary":
@@ -133,8 +137,11 @@ def training_bytes(model_config, batch_size, optimizer="adamw", dtype="float32",
             # even under autocast; backward adds two more at a time
             weights = batch_size * c.n_head * c.block_size**2 * FLOAT
             activations += c.n_layer * 3 * weights + 2 * weights
-    return {"weights, gradients and optimizer state": state, "activations": int(activations * ACTIVATION_SLACK),
-            "PyTorch": RUNTIME_BYTES}
+    return {
+        "weights, gradients and optimizer state": state,
+        "activations": int(activations * ACTIVATION_SLACK),
+        "PyTorch": RUNTIME_BYTES,
+    }
 
 
 def sampling_bytes(model_config, num_samples, prompt_len, max_new_tokens, kv_cache=True, decode_bytes=0):
@@ -192,8 +199,10 @@ def _read_int(path):
 def _cgroup_room():
     """Bytes left under a container's memory limit (cgroup v2, else v1), or None without one.
     MemAvailable shows the whole machine's memory, but the limit is what the OOM killer enforces."""
-    for limit_file, usage_file in (("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
-                                   ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes")):
+    for limit_file, usage_file in (
+        ("/sys/fs/cgroup/memory.max", "/sys/fs/cgroup/memory.current"),
+        ("/sys/fs/cgroup/memory/memory.limit_in_bytes", "/sys/fs/cgroup/memory/memory.usage_in_bytes"),
+    ):
         limit, usage = _read_int(limit_file), _read_int(usage_file)
         if limit is not None and usage is not None and limit < 2**60:  # v1 writes "no limit" as a huge number
             return max(0, limit - usage)
@@ -217,6 +226,7 @@ def available_bytes(device):
     if not figures:
         try:
             import psutil  # not a dependency; used where installed (macOS, Windows)
+
             figures.append((psutil.virtual_memory().available, "available"))
         except ImportError:
             try:  # macOS without psutil: the RAM there is, an upper bound of what is free
@@ -239,4 +249,58 @@ def check_fits(parts, device, what, suggestions):
     raise ValueError(
         f"{what} needs about {format_bytes(need)} of memory ({biggest} {format_bytes(parts[biggest])}) "
         f"but only {format_bytes(have[0])} is {have[1]}: {suggestion}"
+    )
+
+
+# -----------------------------------------------------------------------------
+# the checks train.py and sample.py make before they start
+
+
+def check_training_memory(config, model_config, device, dtype, ddp):
+    """Refuse, on every process, a training run whose estimated peak exceeds the memory there
+    is, instead of being killed by the OOM killer half-way. CPU processes that torchrun
+    started on one machine share its memory, so their estimates add up."""
+    parts = training_bytes(model_config, config.batch_size, config.optimizer, dtype, ddp.world_size)
+    sharing = 1 if device.startswith("cuda") else int(os.environ.get("LOCAL_WORLD_SIZE", "1"))
+    parts = {name: size * sharing for name, size in parts.items()}
+    what = f"training with --batch_size={config.batch_size} and --block_size={model_config.block_size}"
+    if sharing > 1:
+        what += f" in {sharing} processes"
+    suggestions = {
+        "activations": "use a smaller --batch_size (a larger --gradient_accumulation_steps keeps the global batch) "
+        "or a smaller --block_size",
+        "weights, gradients and optimizer state": "the model is too big for this machine: use a smaller --n_layer or --n_embd",
+    }
+    error = None
+    try:
+        check_fits(parts, device, what, suggestions)
+    except ValueError as e:
+        error = e
+    ddp.agree(error)
+
+
+# bytes per weight of the decode steps' copy of the weights; float32 decodes with the model's
+# own, and auto (which times the candidates only once the check has passed) is counted as the
+# biggest copy it may pick
+DECODE_COPY_BYTES = {"float32": 0, "float16": 2, "bfloat16": 2, "int8": 1, "auto": 2}
+
+
+def generation_bytes(settings, model, prompt_len):
+    """{part: bytes} that generating with settings (a SampleConfig) adds to the loaded model."""
+    decode_bytes = model.num_params() * DECODE_COPY_BYTES[settings.decode_dtype]
+    return sampling_bytes(
+        model.config, settings.num_samples, prompt_len, settings.max_new_tokens, settings.kv_cache, decode_bytes
+    )
+
+
+def check_sampling_memory(settings, model, prompt_len, device):
+    """Refuse a generation whose estimate exceeds the memory there is, before it starts
+    (before decode dtype auto times anything, too)."""
+    what = f"generating --num_samples={settings.num_samples} x --max_new_tokens={settings.max_new_tokens} characters"
+    fewer = "use fewer --num_samples (run sample.py several times with other --seed values)"
+    check_fits(
+        generation_bytes(settings, model, prompt_len),
+        device,
+        what,
+        {"generated ids": "use a smaller --max_new_tokens, or fewer --num_samples", "KV cache": fewer, "forward pass": fewer},
     )

@@ -10,6 +10,7 @@ Newton-Schulz iterations compute it with matrix products only. train.py uses it 
                      {"params": others, "muon": False, "lr": 2e-3, "weight_decay": 0.0}],
                     betas=(0.9, 0.99))
 """
+
 import torch
 
 # the quintic iteration's coefficients from the Muon write-up: they drive small singular

@@ -1,7 +1,8 @@
 """A training run's claim on its out_dir: one run at a time, and never a new run over a
 trained model. Used by train.py.
 
-    lock = claim(out_dir, fresh=True, overwrite=False)   # ValueError if the folder is not ours
+    lock = claim_for(config, ddp)                         # ValueError if the folder is not ours
+    write_run_config(config.out_dir, resolved)            # the first write, once every check has passed
     ...                                                   # train, writing into out_dir
     lock.release()
 
@@ -16,6 +17,7 @@ the project's file handling.
 """
 
 import fcntl
+import json
 import os
 import socket
 
@@ -78,13 +80,17 @@ class RunLock:
             except BlockingIOError:
                 owner = os.read(fd, 200).decode("utf-8", "replace").split()
                 os.close(fd)
-                raise ValueError(f"--out_dir {self.out_dir} is in use by another training run ({self._owner(owner)}); "
-                                 "wait for it to end, or train into another --out_dir") from None
+                raise ValueError(
+                    f"--out_dir {self.out_dir} is in use by another training run ({self._owner(owner)}); "
+                    "wait for it to end, or train into another --out_dir"
+                ) from None
             except OSError as e:  # a file system without locks (some network mounts)
                 os.close(fd)
                 self._unmake()
-                raise ValueError(f"--out_dir {self.out_dir}: cannot lock {self.path} ({e.strerror or e}), so it cannot "
-                                 "be kept to one run at a time: train into a folder on a local disk") from None
+                raise ValueError(
+                    f"--out_dir {self.out_dir}: cannot lock {self.path} ({e.strerror or e}), so it cannot "
+                    "be kept to one run at a time: train into a folder on a local disk"
+                ) from None
             except BaseException:
                 os.close(fd)
                 raise
@@ -172,3 +178,31 @@ def clear_previous_run(out_dir):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             os.remove(path)
+
+
+def claim_for(config, ddp):
+    """out_dir's RunLock for a training run, taken by rank 0 (None elsewhere): a folder in
+    use by another run, or a new run over a trained model without --overwrite, is refused
+    on every process."""
+    lock, error = None, None
+    if ddp.master:
+        try:
+            lock = claim(config.out_dir, fresh=config.init_from == "scratch", overwrite=config.overwrite)
+        except (ValueError, OSError) as e:
+            error = e
+    ddp.agree(error)
+    return lock
+
+
+def write_run_config(out_dir, resolved):
+    """Create out_dir with config.json (the resolved settings) in it, and clear the temporary
+    files of a run killed mid-save."""
+    try:
+        os.makedirs(out_dir, exist_ok=True)
+        with open(os.path.join(out_dir, "config.json"), "w", encoding="utf-8") as f:
+            json.dump(resolved, f, indent=1)
+        for name in os.listdir(out_dir):
+            if name.startswith(".tmp-"):
+                os.remove(os.path.join(out_dir, name))
+    except OSError as e:
+        raise OSError(f"--out_dir {out_dir} is not writable ({e.strerror or e})") from None

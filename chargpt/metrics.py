@@ -1,5 +1,5 @@
 """What a training run reports while it runs: the progress line, out_dir/metrics.jsonl and
-out_dir/loss.png. Used by train.py; nothing to run on its own.
+out_dir/loss.png. Used by train.py, and read back by serve.py.
 
 Progress: on a terminal, one line rewritten in place (\\r) a few times a second with the
 step, loss, lr, tokens/s, elapsed time and ETA; anywhere else (a log file, CI) the plain
@@ -32,8 +32,9 @@ one-time note.
 
 import json
 import os
-import tempfile
 import time
+
+from chargpt.atomic import write_atomic
 
 LIVE_UPDATE_SECONDS = 0.2  # how often the terminal line is redrawn, at most
 
@@ -50,15 +51,16 @@ def format_duration(seconds):
 
 def read_records(path, up_to_iter=None):
     """The entries of a metrics.jsonl, those with iter <= up_to_iter if given. A line that does
-    not parse (the half-written last line of a killed run) is skipped."""
+    not parse (the half-written last line of a killed run or a full disk, even one cut inside
+    a character) is skipped."""
     records = []
     if not os.path.isfile(path):
         return records
-    with open(path, encoding="utf-8") as f:
+    with open(path, "rb") as f:
         for line in f:
             try:
-                record = json.loads(line)
-            except json.JSONDecodeError:
+                record = json.loads(line.decode("utf-8"))
+            except (UnicodeDecodeError, json.JSONDecodeError):
                 continue
             if isinstance(record, dict) and (up_to_iter is None or record.get("iter", 0) <= up_to_iter):
                 records.append(record)
@@ -85,30 +87,35 @@ def plot_losses(records, path, title=""):
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
     if train:
-        ax.plot([r["iter"] for r in train], [r["loss"] for r in train], color="tab:blue", alpha=0.35, lw=1,
-                label="train loss (one batch)")
+        ax.plot(
+            [r["iter"] for r in train],
+            [r["loss"] for r in train],
+            color="tab:blue",
+            alpha=0.35,
+            lw=1,
+            label="train loss (one batch)",
+        )
     if evals:
         steps = [r["iter"] for r in evals]
         ax.plot(steps, [r["train_loss"] for r in evals], "o-", color="tab:blue", ms=3, label="train loss (eval)")
         ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val loss (eval)")
         best = min(evals, key=lambda r: r["val_loss"])
-        ax.plot([best["iter"]], [best["val_loss"]], "*", color="tab:red", ms=14, label=f"best val {best['val_loss']:.4f} at {best['iter']}")
+        ax.plot(
+            [best["iter"]],
+            [best["val_loss"]],
+            "*",
+            color="tab:red",
+            ms=14,
+            label=f"best val {best['val_loss']:.4f} at {best['iter']}",
+        )
     ax.set_xlabel("iteration")
     ax.set_ylabel("loss (nats per character)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
     if train or evals:
         ax.legend(loc="upper right")  # "best" searches the curves and warns that it is slow
-    # a temporary file and a rename, so a viewer never sees half a PNG
-    fd, tmp = tempfile.mkstemp(prefix=".tmp-loss", suffix=".png", dir=os.path.dirname(os.path.abspath(path)))
-    try:
-        with os.fdopen(fd, "wb") as f:
-            fig.savefig(f, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        if os.path.exists(tmp):
-            os.remove(tmp)
-        raise
+    # whole or not at all, so a viewer never sees half a PNG
+    write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), durable=False)
     return True
 
 
@@ -119,8 +126,20 @@ class Reporter:
     plain lines. Messages must go through self.log so that they never land on top of the
     live line."""
 
-    def __init__(self, out_dir, log, live, start_iter, max_iters, tokens_per_iter, resume, write_files=True,
-                 time_budget=0.0, t_start=None, elapsed_before=None):
+    def __init__(
+        self,
+        out_dir,
+        log,
+        live,
+        start_iter,
+        max_iters,
+        tokens_per_iter,
+        resume,
+        write_files=True,
+        time_budget=0.0,
+        t_start=None,
+        elapsed_before=None,
+    ):
         """time_budget: seconds, for a run that stops when they are spent (0: a step run, which
         stops at max_iters); t_start: when the run's clock started (default: now);
         elapsed_before: seconds spent by the earlier parts of a resumed run (default: the last
@@ -136,7 +155,7 @@ class Reporter:
         self.records = [r for r in kept if r.get("type") != "done"]  # a resumed run ends anew
         if write_files:
             with open(self.metrics_path, "w", encoding="utf-8") as f:  # afresh, or cut at the resume point
-                f.writelines(json.dumps(r, ensure_ascii=False) + "\n" for r in self.records)
+                f.writelines(json.dumps(r) + "\n" for r in self.records)
             # now rather than inside the first eval: a time-budget run plans its end with the
             # time that eval took, and the import is paid once (a 12-s run reserved 0.9 s too much)
             import_matplotlib()
@@ -147,6 +166,7 @@ class Reporter:
         self.t_loop = time.time()  # the pace of the steps (ETA, tokens/s) counts from here, after the start-up
         self.live_showing, self.plot_note_given = False, False
         self.t_mark, self.iter_mark = self.t_loop, start_iter  # where the live line's tokens/s counts from
+        self.t_last, self.iter_last = self.t_loop, start_iter  # where the logged ms/iter counts from
 
     # -- time
 
@@ -183,7 +203,7 @@ class Reporter:
         self.records.append(record)
         if self.write_files:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
-                f.write(json.dumps(record, ensure_ascii=False) + "\n")
+                f.write(json.dumps(record) + "\n")  # ASCII only: a line cut short never splits a character
         return record
 
     def live_due(self):
@@ -202,15 +222,25 @@ class Reporter:
         self.live.flush()
         self.live_showing = True
 
-    def train_step(self, iter_num, loss, lr, dt, flops_per_iter):
+    def train_step(self, iter_num, loss, lr, flops_per_iter):
         """Every log_interval steps: a metrics entry, and the plain line where there is no terminal."""
+        now = time.time()
+        dt = (now - self.t_last) / max(1, iter_num - self.iter_last)  # per step since the last line or eval
+        self.t_last, self.iter_last = now, iter_num
         tokens_per_s = self.tokens_per_iter / dt
         eta = self.eta(iter_num)
-        self._write({
-            "type": "train", "iter": iter_num, "loss": loss, "lr": lr, "ms_per_iter": dt * 1000,
-            "tokens_per_s": tokens_per_s, "tflops_per_s": flops_per_iter / dt / 1e12,
-            "eta": None if eta is None else round(eta, 3),
-        })
+        self._write(
+            {
+                "type": "train",
+                "iter": iter_num,
+                "loss": loss,
+                "lr": lr,
+                "ms_per_iter": dt * 1000,
+                "tokens_per_s": tokens_per_s,
+                "tflops_per_s": flops_per_iter / dt / 1e12,
+                "eta": None if eta is None else round(eta, 3),
+            }
+        )
         if self.live is None:
             self.log(
                 f"iter {iter_num}: loss {loss:.4f}, lr {lr:.2e}, {dt * 1000:.1f} ms/iter, "
@@ -219,17 +249,24 @@ class Reporter:
 
     def eval(self, iter_num, losses, best_val_loss, sample=None):
         """After an eval: its metrics entry, the sample printed below it, and a new loss.png."""
-        self._write({
-            "type": "eval", "iter": iter_num, "train_loss": losses["train"], "val_loss": losses["val"],
-            "best_val_loss": best_val_loss, "sample": sample,
-        })
+        self._write(
+            {
+                "type": "eval",
+                "iter": iter_num,
+                "train_loss": losses["train"],
+                "val_loss": losses["val"],
+                "best_val_loss": best_val_loss,
+                "sample": sample,
+            }
+        )
         if sample:
             self.log("\n".join("  " + line for line in sample.lstrip("\n").splitlines()))
         if not plot_losses(self.records, self.plot_path, self.title) and not self.plot_note_given:
             self.log("note: matplotlib is not installed, so there is no loss.png (pip install matplotlib)")
             self.plot_note_given = True
-        # the time of the eval is not step time: the live tokens/s counts from here
-        self.t_mark, self.iter_mark = time.time(), iter_num
+        # the time of the eval is not step time: tokens/s and ms/iter count from here
+        self.t_mark = self.t_last = time.time()
+        self.iter_mark = self.iter_last = iter_num
 
     def done(self, iter_num, best_val_loss):
         """The run's last line and metrics entry: the steps it took (or its time budget

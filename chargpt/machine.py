@@ -1,0 +1,291 @@
+"""The machine a run is on: its device, torchrun's processes, the training dtype, the
+allocator, and the timings worth keeping between runs.
+
+    resolve_device      --device=auto: cuda, else mps, else cpu; a device that is not here is an error
+    Distributed         this process's place among the processes torchrun started
+    resolve_dtype       --dtype=auto: bfloat16 autocast where it is faster here, measured
+    keep_freed_memory   glibc keeps what a CPU step frees for the next step
+    read_cache, write_cache   timings per machine in ~/.cache/chargpt/ (decode and training dtypes)
+
+The training dtype, --dtype=auto:
+    CUDA   bfloat16 where the GPU has it, else float32
+    CPU    float32 where the CPU has no bfloat16 units (AVX512-BF16 or AMX): there PyTorch
+           emulates bf16 matrix products, about 100x slower than float32 (measured on an
+           AVX2 EPYC). Where it has them, whether autocast pays depends on the machine and
+           the model: autocast casts the weights at every matrix product, and AVX512-BF16
+           without AMX multiplies bf16 no faster than float32 (a 2-core Xeon here: 588
+           against 340 ms per step of the 30-minute recipe). So auto times a few training
+           steps of this model in both and takes the faster.
+    other  float32
+The timing runs forward and backward on a copy of the model, in a forked random state, so
+the run itself is untouched: the run's batch shape, cut to at most MAX_ROWS tokens (enough
+for the matrix products to run at full speed), one warm-up step per dtype, then ROUNDS
+rounds of one step each, interleaved, best round kept. The result is cached per machine and
+model shape, so only the first run of a recipe on a machine pays for it.
+
+The allocator: every CPU step allocates and frees the same activations again, many of them
+about a megabyte. glibc's malloc gives freed memory at the top of its heap back to the
+kernel once a few megabytes are free, and the next step takes it back page by page: about
+600 page faults a step for config/shakespeare_char_cpu.py, a step 11.3 ms instead of 9.9 on
+the 2-core Xeon of the README. PyTorch's CPU tuning guide suggests another allocator
+(jemalloc, tcmalloc) for this; two mallopt settings do it with glibc's own: blocks up to
+32 MB come from the heap, and up to 512 MB of freed memory stays in it. A run's peak memory
+is the same; the process just keeps it until it ends.
+
+The timing caches: each kind of timing is a JSON file in ~/.cache/chargpt/
+($XDG_CACHE_HOME/chargpt if set), {key: value}, the key naming the machine (machine()) and
+what was timed. One that cannot be read or written is ignored: nothing ever fails because
+of the cache. Delete a file to measure again.
+"""
+
+import contextlib
+import copy
+import ctypes
+import hashlib
+import json
+import os
+import platform
+import sys
+import time
+from dataclasses import dataclass
+
+import torch
+import torch.distributed as dist
+
+from chargpt.atomic import write_atomic
+
+# -----------------------------------------------------------------------------
+# the device
+
+
+def resolve_device(name):
+    if name == "auto":
+        if torch.cuda.is_available():
+            return "cuda"
+        if torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise ValueError(f"--device {name!r} is not a device (cpu, cuda, cuda:1, mps)") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"--device={name} but CUDA is not available here (try --device=cpu)")
+    if device.type == "mps" and not torch.backends.mps.is_available():
+        raise ValueError(f"--device={name} but MPS is not available here (try --device=cpu)")
+    return name
+
+
+# -----------------------------------------------------------------------------
+# several processes (torchrun)
+
+
+@dataclass
+class Distributed:
+    """This process's place among the processes torchrun started; rank 0 of 1 without torchrun."""
+
+    rank: int = 0
+    local_rank: int = 0
+    world_size: int = 1
+
+    @property
+    def master(self):
+        """The one process that prints and writes files."""
+        return self.rank == 0
+
+    def sum(self, tensor):
+        """tensor summed over the processes (in place)."""
+        if self.world_size > 1:
+            dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+        return tensor
+
+    def agree(self, error):
+        """Raise on every process when any one of them failed a check; error is this process's
+        exception or None. Around a check that not every process makes alike (rank 0 alone
+        locks out_dir; each GPU has its own free memory), so that none goes on to wait for
+        the others in a collective that never comes."""
+        if self.world_size > 1:
+            errors = [None] * self.world_size
+            dist.all_gather_object(errors, None if error is None else str(error))
+            first = next((e for e in errors if e is not None), None)
+            if error is None and first is not None:
+                raise ValueError(first)
+        if error is not None:
+            raise error
+
+    def from_master(self, values, device):
+        """values (a list of floats) as rank 0 has them, in every process."""
+        if self.world_size == 1:
+            return values
+        tensor = torch.tensor(values, dtype=torch.float64, device=device)
+        dist.broadcast(tensor, src=0)
+        return tensor.tolist()
+
+
+def init_distributed(device):
+    """(Distributed, device): join torchrun's process group when it started us (RANK is set),
+    with NCCL on CUDA, one GPU per process, and gloo on the CPU."""
+    if "RANK" not in os.environ:
+        return Distributed(), device
+    ddp = Distributed(int(os.environ["RANK"]), int(os.environ["LOCAL_RANK"]), int(os.environ["WORLD_SIZE"]))
+    if device.startswith("cuda"):
+        device = f"cuda:{ddp.local_rank}"
+        torch.cuda.set_device(device)
+    dist.init_process_group(backend="nccl" if device.startswith("cuda") else "gloo")
+    return ddp, device
+
+
+# -----------------------------------------------------------------------------
+# the training dtype
+
+ROUNDS = 3
+MAX_ROWS = 4096  # tokens per timed step
+DTYPE_CACHE = "train_dtype"
+
+
+def cpu_has_bf16_units():
+    """True where the CPU multiplies bfloat16 in hardware (AVX512-BF16 or AMX)."""
+    amx = getattr(torch.cpu, "_is_amx_tile_supported", lambda: False)()
+    avx512_bf16 = getattr(torch.cpu, "_is_avx512_bf16_supported", lambda: False)()
+    return bool(amx or avx512_bf16)
+
+
+def autocast_context(device_type, dtype):
+    """Mixed precision: matmuls in bf16, weights, softmax and loss in float32."""
+    if dtype == "bfloat16":
+        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
+
+
+def training_dtype(name, device, model, batch_shape, ddp, log=None):
+    """resolve_dtype's choice for this run; with several processes rank 0's, so that they all compute alike."""
+    device_type = device.split(":")[0]
+    if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
+        raise ValueError("--dtype=bfloat16 but this GPU has no bfloat16 (use --dtype=float32)")
+    dtype = resolve_dtype(name, device_type, model, batch_shape, log)
+    if ddp.world_size > 1:
+        dtype = ("float32", "bfloat16")[int(ddp.from_master([float(dtype == "bfloat16")], device)[0])]
+    return dtype
+
+
+def resolve_dtype(name, device_type, model=None, batch_shape=None, log=None):
+    """'float32' or 'bfloat16' for --dtype=name. For 'auto' on a CPU with bf16 units the two
+    are timed on model (B, T) = batch_shape, unless the cache knows the answer; without a
+    model to time, such a CPU gets float32 (the safe choice: never slower by much)."""
+    if name != "auto":
+        return name
+    if device_type == "cuda":
+        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+    if device_type != "cpu" or not cpu_has_bf16_units() or model is None:
+        return "float32"
+    key = f"{machine()} | {json.dumps(dict(sorted(vars(model.config).items())))} | batch {tuple(batch_shape)}"
+    times = read_cache(DTYPE_CACHE).get(key)
+    if not (isinstance(times, dict) and set(times) == {"float32", "bfloat16"}):
+        times = time_dtypes(model, batch_shape)
+        write_cache(DTYPE_CACHE, key, times)
+        if log:
+            log(
+                f"dtype auto: a training step here takes {times['float32'] * 1000:.0f} ms in float32, "
+                f"{times['bfloat16'] * 1000:.0f} ms with bfloat16 autocast (timed once, cached)"
+            )
+    return min(times, key=times.get)
+
+
+def time_dtypes(model, batch_shape):
+    """{dtype: seconds per forward + backward} of a copy of model on random tokens of batch_shape."""
+    T = batch_shape[1]
+    B = max(1, min(batch_shape[0], MAX_ROWS // T))
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(0)
+        trial = copy.deepcopy(model).train()
+        idx = torch.randint(trial.config.vocab_size, (B, T + 1))
+        x, y = idx[:, :-1], idx[:, 1:]
+
+        def step(dtype):
+            t0 = time.perf_counter()
+            with autocast_context("cpu", dtype):
+                _, loss = trial(x, y)
+            loss.backward()
+            trial.zero_grad(set_to_none=True)
+            return time.perf_counter() - t0
+
+        dtypes = ("float32", "bfloat16")
+        for dtype in dtypes:  # warm-up: the first calls allocate and pick their kernels
+            step(dtype)
+        rounds = {dtype: [] for dtype in dtypes}
+        for _ in range(ROUNDS):
+            for dtype in dtypes:
+                rounds[dtype].append(step(dtype))
+    return {dtype: min(seconds) for dtype, seconds in rounds.items()}
+
+
+# -----------------------------------------------------------------------------
+# the allocator
+
+# glibc's malloc.h
+M_TRIM_THRESHOLD = -1
+M_MMAP_THRESHOLD = -3
+
+
+def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=512 * 2**20):
+    """Tell glibc's malloc to keep freed memory; True if it took both settings, False on
+    another C library or system (nothing changes there)."""
+    if not sys.platform.startswith("linux"):
+        return False
+    try:
+        libc = ctypes.CDLL(None)  # the C library this Python runs on
+        if not hasattr(libc, "gnu_get_libc_version"):  # glibc only: musl's mallopt accepts settings and ignores them
+            return False
+        mallopt = libc.mallopt
+    except (OSError, AttributeError):
+        return False
+    mallopt.argtypes, mallopt.restype = [ctypes.c_int, ctypes.c_int], ctypes.c_int
+    return mallopt(M_MMAP_THRESHOLD, mmap_threshold) == 1 and mallopt(M_TRIM_THRESHOLD, trim_threshold) == 1
+
+
+# -----------------------------------------------------------------------------
+# timings kept between runs
+
+
+def cache_path(name):
+    root = os.environ.get("XDG_CACHE_HOME") or os.path.join(os.path.expanduser("~"), ".cache")
+    return os.path.join(root, "chargpt", f"{name}.json")
+
+
+def machine():
+    """What the timings depend on besides the model: the processor, PyTorch and its threads."""
+    if torch.cuda.is_available():
+        return f"{torch.cuda.get_device_name()}, torch {torch.__version__}"
+    info = {}
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:  # Linux; elsewhere platform's name
+            for line in f:
+                key, _, value = line.partition(":")
+                info.setdefault(key.strip(), value.strip())
+    except OSError:
+        pass
+    name = info.get("model name") or platform.processor() or platform.machine()
+    # a virtual machine may call every CPU "Intel(R) Xeon(R) Processor": its flags tell them apart
+    flags = hashlib.sha1(info.get("flags", "").encode()).hexdigest()[:8]
+    return f"{name} (flags {flags}), torch {torch.__version__}, {torch.get_num_threads()} threads"
+
+
+def read_cache(name):
+    """The cache called name as {key: value}; {} when the file is missing, unreadable or corrupt."""
+    try:
+        with open(cache_path(name), encoding="utf-8") as f:
+            entries = json.load(f)
+    except (OSError, ValueError):
+        return {}
+    return entries if isinstance(entries, dict) else {}
+
+
+def write_cache(name, key, value):
+    """Add an entry to the cache called name; one that cannot be written is left alone, silently."""
+    path = cache_path(name)
+    entries = {**read_cache(name), key: value}
+    try:
+        os.makedirs(os.path.dirname(path), exist_ok=True)
+        write_atomic(path, json.dumps(entries, indent=1).encode("utf-8"), durable=False)
+    except OSError:
+        pass
