@@ -46,26 +46,35 @@ def data_dir(tmp_path, text):
     return str(tmp_path / "data")
 
 
+# a 2-layer, 32-wide model on the tiny dataset, that trains in seconds on the CPU
+TINY_TRAIN = dict(
+    dataset="tiny",
+    device="cpu",
+    dtype="float32",
+    batch_size=8,
+    max_iters=40,
+    eval_interval=20,
+    eval_iters=5,
+    log_interval=10,
+    learning_rate=3e-3,
+    min_lr=3e-4,
+    warmup_iters=5,
+    sample_chars=50,
+)
+TINY_MODEL = dict(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+
+
 def tiny_configs(data_dir, out_dir, **overrides):
-    """(TrainConfig, GPTConfig) for a 2-layer, 32-wide model that trains in seconds on the CPU."""
-    train_config = TrainConfig(
-        out_dir=str(out_dir),
-        dataset="tiny",
-        data_dir=data_dir,
-        device="cpu",
-        dtype="float32",
-        batch_size=8,
-        max_iters=40,
-        eval_interval=20,
-        eval_iters=5,
-        log_interval=10,
-        learning_rate=3e-3,
-        min_lr=3e-4,
-        warmup_iters=5,
-        sample_chars=50,
-    )
-    model_config = GPTConfig(block_size=16, n_layer=2, n_head=2, n_embd=32, dropout=0.0)
+    """(TrainConfig, GPTConfig) of the tiny run, with overrides of either."""
+    train_config = TrainConfig(out_dir=str(out_dir), data_dir=data_dir, **TINY_TRAIN)
+    model_config = GPTConfig(**TINY_MODEL)
     for key, value in overrides.items():
         target = model_config if hasattr(model_config, key) else train_config
         setattr(target, key, value)
     return train_config, model_config
+
+
+def tiny_flags(data_dir, out_dir, **overrides):
+    """The tiny run as train.py's command-line flags, with overrides."""
+    settings = {"data_dir": data_dir, "out_dir": out_dir, **TINY_TRAIN, **TINY_MODEL, **overrides}
+    return [f"--{key}={value}" for key, value in settings.items()]

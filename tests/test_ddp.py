@@ -12,32 +12,14 @@ import train
 from chargpt.checkpoint import load_checkpoint
 from chargpt.data import BatchSampler, load_dataset
 from chargpt.optim import make_optimizer
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, tiny_flags
 from model import build_model
 
 
 def flags(data_dir, out_dir, **extra):
-    base = dict(
-        data_dir=data_dir,
-        dataset="tiny",
-        out_dir=out_dir,
-        device="cpu",
-        dtype="float32",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        dropout=0.0,
-        batch_size=8,
-        learning_rate=3e-3,
-        min_lr=3e-4,
-        warmup_iters=5,
-        eval_iters=4,
-        log_interval=5,
-        sample_chars=0,
+    return tiny_flags(
+        data_dir, out_dir, **{"batch_size": 8, "warmup_iters": 5, "eval_iters": 4, "log_interval": 5, "sample_chars": 0, **extra}
     )
-    base.update(extra)
-    return [f"--{k}={v}" for k, v in base.items()]
 
 
 def torchrun(args, nproc=2, check=True):

@@ -3,11 +3,11 @@ the sampling controls, and the lecture's generate as the reference."""
 
 import pytest
 import torch
-from test_model import tiny
 
 from chargpt.engine import Decoder, KVCache, prefill, sample_next
 from chargpt.engine import generate as engine_generate
 from model import BigramLanguageModel, GPTConfig
+from test_model import tiny
 
 
 def generate(model, idx, n, kv_cache, seed=0, **kw):

@@ -5,7 +5,6 @@ import sys
 
 import pytest
 import torch
-from test_switches import SWITCHES
 
 import bench
 import sample
@@ -13,7 +12,9 @@ import train
 from chargpt import memory
 from chargpt.checkpoint import save_checkpoint
 from chargpt.muon import takes_muon
+from conftest import tiny_flags
 from model import GPT, GPTConfig, build_model
+from test_switches import SWITCHES
 
 
 @pytest.fixture
@@ -44,20 +45,7 @@ def run_main(capsys, module, argv):
 
 
 def train_flags(data_dir, out_dir, **extra):
-    base = dict(
-        data_dir=data_dir,
-        dataset="tiny",
-        out_dir=out_dir,
-        device="cpu",
-        dtype="float32",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        max_iters=2,
-    )
-    base.update(extra)
-    return [f"--{k}={v}" for k, v in base.items()]
+    return tiny_flags(data_dir, out_dir, **{"max_iters": 2, **extra})
 
 
 def test_train_refuses_a_batch_that_cannot_fit(data_dir, tmp_path, capsys):

@@ -15,30 +15,15 @@ import sample
 import train
 from chargpt import rundir
 from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, tiny_flags
 
 
 def flags(data_dir, out_dir, **extra):
-    base = dict(
-        data_dir=data_dir,
-        dataset="tiny",
-        out_dir=out_dir,
-        device="cpu",
-        dtype="float32",
-        n_layer=2,
-        n_head=2,
-        n_embd=32,
-        block_size=16,
-        dropout=0.0,
-        batch_size=8,
-        max_iters=10,
-        eval_interval=5,
-        eval_iters=2,
-        sample_chars=0,
-        eval_sample_chars=0,
+    return tiny_flags(
+        data_dir,
+        out_dir,
+        **{"max_iters": 10, "eval_interval": 5, "eval_iters": 2, "sample_chars": 0, "eval_sample_chars": 0, **extra},
     )
-    base.update(extra)
-    return [f"--{k}={v}" for k, v in base.items()]
 
 
 def main_error(capsys, module, argv):
