@@ -13,7 +13,9 @@
 Settings come from the defaults (TrainConfig in chargpt/config.py, GPTConfig in model.py),
 then the config file, then --key=value flags. The run writes into out_dir: config.json
 (the resolved settings), ckpt.pt (the latest state, at every eval), best.pt (the best val
-loss so far), metrics.jsonl and loss.png (chargpt/metrics.py) and, at the end, samples.txt.
+loss so far), metrics.jsonl and loss.png (chargpt/metrics.py), health.png (each layer's
+activations, gradients and update sizes every health_interval steps: chargpt/health.py)
+and, at the end, samples.txt.
 Ctrl-C or SIGTERM saves ckpt.pt and exits; --init_from=resume continues exactly where the
 run stopped, and max_iters stays the total number of steps.
 
@@ -49,6 +51,7 @@ from chargpt import machine, rundir
 from chargpt.config import HelpRequested, TrainConfig, parse
 from chargpt.data import BatchSampler, load_dataset
 from chargpt.engine import sample_text
+from chargpt.health import Health
 from chargpt.memory import check_training_memory
 from chargpt.metrics import Reporter
 from chargpt.optim import make_optimizer, train_step
@@ -107,7 +110,10 @@ def training_loop(run):
                 return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
             t_step = time.time()
-            loss = train_step(run.step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp)
+            watch = run.health.watch(run.iter_num)  # at health steps only: hooks on the model for this step
+            step_model = watch.model if watch else run.step_model
+            loss = train_step(step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, watch)
+            run.health.record(watch)  # the step's activations, gradients and updates, and any warning
             run.iter_num += 1
             log_step(run, loss, lr)
             progress.measure_step(time.time() - t_step)  # the logging's device sync included
@@ -158,6 +164,7 @@ def evaluate_and_save(run):
         sample = sample_text(run.model, run.tokenizer, chars, config.seed) if chars else None
         progress.measure_sample(time.time() - t_sample, chars)
         run.report.eval(run.iter_num, losses, run.best_val_loss, sample if config.eval_sample_chars else None)
+        run.health.eval(run.iter_num, losses)  # the init and overfitting warnings, health.png
     run.progress.measure_eval(time.time() - t_eval)
 
 
@@ -183,6 +190,7 @@ def finish(run):
         with open(os.path.join(config.out_dir, "samples.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         run.report.log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
+    run.health.finish()  # health.png with every health step
     run.report.done(run.iter_num, run.best_val_loss)  # the steps taken (or bought) and the time
 
 
@@ -208,6 +216,7 @@ class Run:
     ctx: object  # autocast, or nothing
     progress: RunProgress
     report: Reporter = None
+    health: Health = None
     iter_num: int = 0
     start_iter: int = 0
     best_val_loss: float = float("inf")
@@ -347,6 +356,9 @@ def setup(config, model_config, ddp, device, log, live, t_start):
         t_start=t_start,
         elapsed_before=elapsed_before,
     )
+    # each layer's activations, gradients and updates every health_interval steps, measured on rank 0
+    interval = config.health_interval if ddp.master else 0
+    run.health = Health(run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1)
     run.t_loop = time.time()
     return run
 

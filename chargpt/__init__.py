@@ -12,6 +12,7 @@
     machine.py       the device, torchrun's processes, the training dtype, the allocator, timing caches
     memory.py        how much memory a run needs, and refusing one that does not fit
     metrics.py       the progress line, metrics.jsonl and loss.png
+    health.py        each layer's activations, gradients and updates at health steps, warnings, health.png
     rundir.py        one run per out_dir, and never a new run over a trained model
     atomic.py        files written whole or not at all
     playground.html  the page serve.py serves

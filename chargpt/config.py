@@ -178,6 +178,10 @@ class TrainConfig:
     )
     eval_sample_chars: int = knob(200, "characters of text generated and printed at each eval (0: none)")
     sample_chars: int = knob(500, "characters of text generated into out_dir/samples.txt at the end")
+    health_interval: int = knob(
+        100,
+        "every this many steps, measure each layer's activations, gradients and update sizes into metrics.jsonl and health.png, with warnings (chargpt/health.py; 0: off)",
+    )
     # data and optimisation
     batch_size: int = knob(64, "sequences per micro-step")
     gradient_accumulation_steps: int = knob(1, "micro-steps whose gradients add up to one optimizer step")
@@ -222,7 +226,7 @@ class TrainConfig:
         for key in positive:
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
-        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars"):
+        for key in ("max_iters", "warmup_iters", "lr_decay_iters", "sample_chars", "eval_sample_chars", "health_interval"):
             if getattr(self, key) < 0:
                 raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
         for key in ("learning_rate", "min_lr", "weight_decay", "grad_clip", "muon_lr", "time_budget"):

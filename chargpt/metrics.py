@@ -16,6 +16,8 @@ metrics.jsonl holds one JSON object per line:
         every log_interval steps; loss is that step's batch loss, elapsed and eta are seconds
     {"type": "eval", "iter", "train_loss", "val_loss", "best_val_loss", "elapsed", "time", "sample"}
         at every eval; the losses are estimate_loss's, sample the text printed with it (or null)
+    {"type": "health", ...} and {"type": "warning", ...}
+        at health steps, and when a warning fires: chargpt/health.py says what they hold
     {"type": "done", "iter", "best_val_loss", "time_budget", "elapsed", "time"}
         last, when the run has finished: iter is the steps it took in all (with a time
         budget, the steps the budget bought), time_budget its minutes (null for a step run)
@@ -205,6 +207,10 @@ class Reporter:
             with open(self.metrics_path, "a", encoding="utf-8") as f:
                 f.write(json.dumps(record) + "\n")  # ASCII only: a line cut short never splits a character
         return record
+
+    def write(self, record):
+        """Another module's record (chargpt/health.py's "health" and "warning") into metrics.jsonl."""
+        return self._write(record)
 
     def live_due(self):
         """True when the terminal line is worth redrawing now (never without a terminal)."""

@@ -50,9 +50,11 @@ def make_optimizer(model, config, device_type, fused=True):
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
-def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None):
+def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, watch=None):
     """One optimizer step over gradient_accumulation_steps micro-batches; returns the last
-    micro-batch's loss (divided by the number of micro-steps), without a device sync."""
+    micro-batch's loss (divided by the number of micro-steps), without a device sync.
+    watch: at a health step, chargpt/health.py's Watch, which reads the gradients and the
+    weights on either side of the update."""
     ddp = ddp or Distributed()
     for micro_step in range(config.gradient_accumulation_steps):
         x, y = batches.next(device)
@@ -64,8 +66,12 @@ def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None):
                 _, loss = step_model(x, y)
                 loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
             loss.backward()
+    if watch is not None:
+        watch.before_update()  # the gradients as backward left them, before clipping
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(step_model.parameters(), config.grad_clip)
     optimizer.step()
+    if watch is not None:
+        watch.after_update()
     optimizer.zero_grad(set_to_none=True)
     return loss

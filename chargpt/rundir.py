@@ -174,7 +174,7 @@ def claim(out_dir, fresh, overwrite):
 def clear_previous_run(out_dir):
     """Remove what an earlier run left in out_dir (its checkpoints, sample and plot), so that
     a fresh run there (--overwrite=True) leaves no file of another run beside its own."""
-    for name in (*CHECKPOINTS, "samples.txt", "loss.png"):
+    for name in (*CHECKPOINTS, "samples.txt", "loss.png", "health.png"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             os.remove(path)
