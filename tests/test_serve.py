@@ -248,7 +248,7 @@ def test_metrics_are_the_runs_and_follow_the_file(server, trained):
     status, response, answer = call(server, "GET", "/api/metrics")
     records = read_records(str(trained / "metrics.jsonl"))
     assert status == 200 and answer["exists"] and answer["records"] == records
-    assert {r["type"] for r in records} == {"train", "eval", "done"} and any(r.get("sample") for r in records)
+    assert {r["type"] for r in records} == {"train", "eval", "health", "done"} and any(r.get("sample") for r in records)
     etag = response.getheader("ETag")
     assert call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
     with open(trained / "metrics.jsonl", "a", encoding="utf-8") as f:  # a run goes on writing
@@ -439,5 +439,39 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         wait.until(lambda d: len(server.playground.finished) > finished)
         generated, asked, left = server.playground.finished[-1]
         assert left and generated < asked == LIMIT
+    finally:
+        driver.quit()
+
+
+def test_the_health_panel_shows_the_runs_health_records(server, trained):
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    health = [r for r in read_records(str(trained / "metrics.jsonl")) if r["type"] == "health"]
+    last = health[-1]
+    driver = browser()
+    try:
+        wait = WebDriverWait(driver, 30)
+        driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#health-table tr[data-layer]"))
+        assert driver.find_element(By.ID, "health-step").text.startswith(f"step {last['iter']}, loss {last['loss']:.4f}")
+        rows = driver.find_elements(By.CSS_SELECTOR, "#health-table tr[data-layer]")
+        assert [row.get_attribute("data-layer") for row in rows] == [layer["name"] for layer in last["layers"]]
+        for row, layer in zip(rows, last["layers"]):
+            for cell in row.find_elements(By.CSS_SELECTOR, "td[data-key]"):
+                value = layer[cell.get_attribute("data-key")]
+                shown = cell.get_attribute("data-value")
+                assert (shown is None) if value is None else float(shown) == value
+        for canvas in ("health-act", "health-grad", "health-ratio", "health-entropy"):
+            assert driver.find_element(By.ID, canvas).is_displayed()
+        assert driver.find_element(By.ID, "health-status").text == "no warnings"
+
+        # a warning the run writes shows up at the next poll
+        message = "overfitting: the val loss has risen (a test's record)"
+        with open(trained / "metrics.jsonl", "a", encoding="utf-8") as f:
+            f.write(json.dumps({"type": "warning", "iter": 60, "kind": "overfitting", "message": message, "time": 0.0}) + "\n")
+        wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#health-warnings li"))
+        item = driver.find_element(By.CSS_SELECTOR, "#health-warnings li")
+        assert item.text == message and item.get_attribute("data-kind") == "overfitting"
     finally:
         driver.quit()
