@@ -17,16 +17,28 @@ Each run's best.pt is scored on the whole val split (eval.py's figure). A stage'
 the mean over its seeds: from one seed to the next the small stages move by about 0.01-0.02,
 as much as some steps of the lecture gain. The Markdown table (stage, what it adds,
 parameters, val loss at step 0, the lecture's val loss, ours, the difference, wall time per
-run) is printed and written to OUT_DIR/ladder.md; val loss by stage, ours beside the
-lecture's, is drawn into OUT_DIR/ladder.png (needs matplotlib).
+run, and the first Block's gradient over the last Block's) is printed and written to
+OUT_DIR/ladder.md; val loss by stage, ours beside the lecture's, is drawn into
+OUT_DIR/ladder.png (needs matplotlib).
+
+Why a stage does better or worse than the one before is in each run's health records
+(metrics.jsonl, chargpt/health.py). The ladder keeps, for the stages with several Blocks,
+the std of the loss's gradient at each Block's output at every health step: the gradient
+that reaches the first Block over the one at the last (1: as much; 0.01: a hundredth), at
+step 0 and as the median over the run, is the table's last column, and
+OUT_DIR/ladder-health.png draws it over the run and across the Blocks at step 0: stage 5
+without residual connections beside stage 6 with them is the lecture's point about deep
+networks.
 """
 
 import argparse
 import ast
 import glob
+import math
 import os
 import queue
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -41,7 +53,7 @@ from chargpt.config import TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.evaluate import evaluate
 from chargpt.machine import resolve_device
-from chargpt.metrics import format_duration
+from chargpt.metrics import format_duration, read_records
 from model import GPTConfig
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -92,6 +104,7 @@ class Run:
         # the settings train.py will use, read the way it reads them (errors name the flag)
         (self.config, _), _ = parse(self.argv, [TrainConfig(), GPTConfig()], "ladder.py")
         self.iter, self.init_val, self.val, self.seconds = 0, None, None, None
+        self.gradients = []  # [(iter, [gradient std at each Block's output])] of the health steps
 
     def start(self, threads, events):
         """Start train.py with threads threads (None: PyTorch's default); its lines go to events."""
@@ -132,6 +145,7 @@ class Run:
         if code != 0:
             reason = errors[-1] if errors else f"exit code {code}"
             raise ValueError(f"stage {self.number} (seed {self.seed}) failed: python train.py {' '.join(self.argv)}: {reason}")
+        self.gradients = block_gradients(os.path.join(self.config.out_dir, "metrics.jsonl"))
 
     def label(self):
         return f"{self.number} s{self.seed} {self.iter}/{self.config.max_iters}"
@@ -165,6 +179,26 @@ class Progress:
             f"{format_duration(run.seconds)} [{self.finished}/{self.total}]\n"
         )
         self.stream.flush()
+
+
+def block_gradients(path):
+    """[(iter, [gradient std at each Block's output])] of a run's health records."""
+    steps = []
+    for record in read_records(path):
+        if record.get("type") == "health":
+            blocks = [layer["grad_std"] for layer in record["layers"] if layer["name"].startswith("block")]
+            if len(blocks) >= 2 and all(g for g in blocks):
+                steps.append((record["iter"], blocks))
+    return steps
+
+
+def geometric_mean(values):
+    return math.exp(sum(math.log(v) for v in values) / len(values)) if values else None
+
+
+def gradient_ratios(run):
+    """The first Block's gradient over the last's at each health step of a run: [(iter, ratio)]."""
+    return [(it, blocks[0] / blocks[-1]) for it, blocks in run.gradients]
 
 
 def score(run):
@@ -214,6 +248,7 @@ def rows_of(stages, runs, results):
         lecture = LECTURE_VAL_LOSS.get(number)
         mean = sum(vals) / len(vals)
         inits = [r.init_val for r in mine if r.init_val is not None]
+        ratios = [gradient_ratios(r) for r in mine if r.gradients]
         rows.append(
             {
                 "stage": number,
@@ -225,6 +260,10 @@ def rows_of(stages, runs, results):
                 "lecture": lecture,
                 "diff": None if lecture is None else mean - lecture,
                 "seconds": sum(r.seconds for r in mine) / len(mine),
+                # the first Block's gradient over the last's: at the first step, and the median
+                # over the run; each the geometric mean over seeds (they are ratios)
+                "grad_init": geometric_mean([r[0][1] for r in ratios]),
+                "grad_run": geometric_mean([statistics.median(v for _, v in r) for r in ratios]),
             }
         )
     return rows
@@ -232,17 +271,19 @@ def rows_of(stages, runs, results):
 
 def table(rows):
     lines = [
-        "| stage | what it adds | parameters | val loss at step 0 | the lecture's val loss | ours | difference | wall time per run |",
-        "|---|---|---|---|---|---|---|---|",
+        "| stage | what it adds | parameters | val loss at step 0 | the lecture's val loss | ours | difference | wall time per run "
+        "| gradient: first Block / last Block (step 0; median of the run) |",
+        "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         ours = f"{r['val']:.4f}" + (f" ({min(r['vals']):.4f}-{max(r['vals']):.4f})" if len(r["vals"]) > 1 else "")
         lecture = "-" if r["lecture"] is None else f"{r['lecture']:.2f}"
         diff = "-" if r["diff"] is None else f"{r['diff']:+.3f}"
         init = "-" if r["init"] is None else f"{r['init']:.2f}"
+        gradient = "-" if r["grad_init"] is None else f"{r['grad_init']:.3g}; {r['grad_run']:.3g}"
         lines.append(
             f"| {r['stage']} | {r['adds']} | {r['params']:,} | {init} | {lecture} | {ours} | {diff} | "
-            f"{format_duration(r['seconds'])} |"
+            f"{format_duration(r['seconds'])} | {gradient} |"
         )
     return "\n".join(lines)
 
@@ -277,6 +318,44 @@ def plot(rows, path):
     ax.set_title("The lecture, step by step")
     ax.legend(loc="upper right")
     ax.grid(axis="y", alpha=0.3)
+    fig.savefig(path, dpi=100)
+    return True
+
+
+def plot_health(stages, runs, path):
+    """The gradient that reaches each Block, for the stages with several: the first Block's
+    over the last's along the run (a line per seed), and across the Blocks at step 0 (the
+    first seed). False when matplotlib is absent or no stage has several Blocks."""
+    try:
+        from matplotlib.figure import Figure
+    except ImportError:
+        return False
+    deep = [n for n in stages if any(r.gradients for r in runs if r.number == n)]
+    if not deep:
+        return False
+    fig = Figure(figsize=(11, 4.2), layout="constrained")
+    ax_run, ax_depth = fig.subplots(1, 2)
+    for k, number in enumerate(deep):
+        colour = f"C{k}"
+        mine = [r for r in runs if r.number == number and r.gradients]
+        for i, run in enumerate(mine):
+            ratios = gradient_ratios(run)
+            label = f"stage {number}: {run.adds}" if i == 0 else None
+            ax_run.plot([it - 1 for it, _ in ratios], [v for _, v in ratios], color=colour, lw=1.2, alpha=0.8, label=label)
+        blocks = mine[0].gradients[0][1]
+        ax_depth.plot(range(len(blocks)), blocks, "o-", color=colour, label=f"stage {number}: {mine[0].adds}")
+    ax_run.axhline(1.0, color="black", ls="--", lw=1)
+    ax_run.set_yscale("log")
+    ax_run.set_xlabel("step")
+    ax_run.set_ylabel("first Block's gradient / last Block's")
+    ax_run.set_title("the gradient that reaches the first Block, over the run", fontsize=10)
+    ax_depth.set_yscale("log")
+    ax_depth.set_xticks(range(len(blocks)), [f"block {i}" for i in range(len(blocks))])
+    ax_depth.set_ylabel("std of the loss's gradient at the Block's output")
+    ax_depth.set_title("the gradient at each Block at step 0", fontsize=10)
+    for ax in (ax_run, ax_depth):
+        ax.grid(alpha=0.3, which="both")
+        ax.legend(fontsize=8)
     fig.savefig(path, dpi=100)
     return True
 
@@ -343,6 +422,9 @@ def main(argv=None):
         if plot(rows, png)
         else "note: matplotlib is not installed, so there is no ladder.png (pip install matplotlib)"
     )
+    png = os.path.join(args.out_dir, "ladder-health.png")
+    if plot_health(chosen, runs, png):
+        print(f"the gradient that reaches each Block: {png}")
     return 0
 
 
