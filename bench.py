@@ -7,6 +7,7 @@
                                                          # dtype, and what --decode_dtype=auto picks
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
     python bench.py memory --out_dir=out-cpu             # chargpt/memory.py's estimate against the measured peak (Linux)
+    python bench.py health config/shakespeare_char_cpu.py   # what health steps cost at --health_interval (chargpt/health.py)
 
 Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
 or small machine are noisy: compare the figures of one run with each other.
@@ -16,6 +17,7 @@ import argparse
 import dataclasses
 import os
 import re
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -28,7 +30,9 @@ from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_chec
 from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
+from chargpt.health import Health, draw_health
 from chargpt.machine import autocast_context, resolve_device, resolve_dtype
+from chargpt.metrics import Reporter
 from chargpt.optim import make_optimizer, train_step
 from model import GPT, Dropout, GPTConfig, build_model
 
@@ -127,6 +131,78 @@ def bench_train(args, overrides):
     if muon:
         speedup += f" with Muon's extra work per step, {ref_ms / adamw_ms:.2f}x with AdamW"
     print(speedup + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
+
+
+def bench_health(args, overrides):
+    """What health steps cost: train.py's step with and without them, in interleaved blocks of
+    health_interval steps (a block with health on holds one health step, as a run does), and
+    each health step's time against the plain steps around it."""
+    config, model_config = load_configs(args.config, overrides)
+    interval = config.health_interval
+    if interval < 1:
+        raise ValueError("--health_interval must be at least 1 to measure what it costs")
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
+    model.train()
+    dtype = resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
+    ctx = autocast_context(device_type, dtype)
+    optimizer = make_optimizer(model, config, device_type)
+    batches = RandomBatches(65, model_config.block_size, config.batch_size)
+    tokens = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+    print(
+        f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
+        f"batch {config.batch_size}, {dtype}, {config.optimizer}; health_interval {interval}; {args.rounds} rounds of "
+        f"{interval} steps without and {interval} with health, interleaved; {torch.get_num_threads()} threads"
+    )
+    with tempfile.TemporaryDirectory() as out_dir:
+        report = Reporter(out_dir, lambda m: None, None, 0, config.max_iters, tokens, resume=False)
+        health = Health(model, interval, report, log=lambda m: None)
+
+        def block(on):
+            """interval steps, the first a health step when on; the time of each."""
+            times = []
+            for i in range(interval):
+                t0 = time.perf_counter()
+                watch = health.watch(i) if on else None
+                loss = train_step(model, optimizer, batches, config, ctx, device, watch=watch)
+                health.record(watch)
+                loss.item()  # train.py syncs at its log steps; here every step, to time each
+                sync(device)
+                times.append(time.perf_counter() - t0)
+            return times
+
+        for _ in range(args.warmup):
+            train_step(model, optimizer, batches, config, ctx, device)
+        plain, health_steps, totals = [], [], {False: 0.0, True: 0.0}
+        for r in range(args.rounds):
+            for on in (False, True) if r % 2 == 0 else (True, False):  # alternate the order: drift hits both
+                times = block(on)
+                totals[on] += sum(times)
+                plain += times[1:] if on else times
+                if on:
+                    health_steps.append(times[0])
+        t0 = time.perf_counter()
+        drawn = draw_health(report.records, os.path.join(out_dir, "health.png"), "bench")
+        draw_s = time.perf_counter() - t0
+    step, health_step = statistics.median(plain), statistics.median(health_steps)
+    extra = health_step - step
+    print("| | ms |\n|---|---|")
+    print(f"| a step (median of {len(plain)}) | {step * 1000:.1f} |")
+    print(f"| a health step (median of {len(health_steps)}) | {health_step * 1000:.1f} |")
+    print(f"| a health step's extra time | {extra * 1000:.1f} ({extra / step:.2f} steps) |")
+    print(
+        f"overhead at --health_interval={interval}: {extra / (interval * step):.2%} from the medians "
+        f"(the extra time over {interval} steps); {totals[True] / totals[False] - 1:+.2%} from the blocks' total times "
+        "(noisier: a busy machine moves them by more than that)"
+    )
+    others = [n for n in (10, 25, 50, 100, 250, 500) if n != interval]
+    print("at other intervals, from the medians: " + ", ".join(f"{n}: {extra / (n * step):.2%}" for n in others))
+    if drawn:
+        print(
+            f"drawing health.png from {len(health_steps)} health records took {draw_s:.2f}s (at evals, and at the end of a run)"
+        )
 
 
 def bench_sizes(args, overrides):
@@ -386,6 +462,10 @@ def main():
     p.add_argument("config")
     p.add_argument("--iters", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p = sub.add_parser("health", help="what health steps cost, at --health_interval")
+    p.add_argument("config")
+    p.add_argument("--rounds", type=int, default=4, help="pairs of blocks (health_interval steps each) without and with health")
+    p.add_argument("--warmup", type=int, default=5)
     p = sub.add_parser("sizes", help="a table over model sizes")
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
@@ -410,9 +490,15 @@ def main():
     )
     args, overrides = parser.parse_known_args()
     try:
-        {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "memory": bench_memory}[
-            args.what
-        ](args, overrides)
+        commands = {
+            "train": bench_train,
+            "sizes": bench_sizes,
+            "loss": bench_loss,
+            "sample": bench_sample,
+            "memory": bench_memory,
+        }
+        commands["health"] = bench_health
+        commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
         return 1

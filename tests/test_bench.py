@@ -28,6 +28,14 @@ def test_bench_train_compares_fast_and_reference(tmp_path):
     assert "n_embd 64" in out  # flags after the config override it
 
 
+def test_bench_health_times_health_steps(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\ndevice = 'cpu'\n")
+    out = bench("health", str(cfg), "--rounds=2", "--warmup=1", "--health_interval=4")
+    assert "| a health step (median of 2) |" in out and "overhead at --health_interval=4:" in out
+    assert "drawing health.png from 2 health records took" in out
+
+
 def test_bench_sample_and_loss(data_dir, tmp_path):
     out_dir = tmp_path / "o"
     train.train(*tiny_configs(data_dir, out_dir, max_iters=10, sample_chars=0, eval_sample_chars=0), log=lambda m: None)

@@ -127,6 +127,11 @@ def test_a_health_step_measures_every_layer_and_leaves_no_hook_behind():
     json.dumps(record, allow_nan=False)  # plain JSON: numbers, lists, None
 
 
+def test_a_negative_interval_is_refused_naming_the_flag():
+    with pytest.raises(ValueError, match="--health_interval must be 0 or more, got -1"):
+        TrainConfig(health_interval=-1).validate()
+
+
 def test_off_means_no_watch():
     health = Health(tiny_gpt(), 0)
     assert all(health.watch(i) is None for i in range(5))
@@ -221,7 +226,7 @@ def test_a_tiny_text_trained_to_overfitting_warns_and_points_at_best_pt(tmp_path
 
 def test_the_cpu_recipe_trains_without_a_warning(data_dir, tmp_path):
     """config/shakespeare_char_cpu.py's model and optimizer (a step run on the tiny text, with a
-    health step every 20 steps): nothing to warn about."""
+    health step every 10 steps): nothing to warn about."""
     from chargpt.config import read_config_file
 
     recipe = read_config_file(f"{ROOT}/config/shakespeare_char_cpu.py")
@@ -234,9 +239,9 @@ def test_the_cpu_recipe_trains_without_a_warning(data_dir, tmp_path):
         dataset="tiny",
         device="cpu",
         time_budget=0.0,
-        max_iters=200,
+        max_iters=100,
         eval_interval=50,
-        health_interval=20,
+        health_interval=10,
         sample_chars=0,
         eval_sample_chars=0,
     ).items():
@@ -245,7 +250,7 @@ def test_the_cpu_recipe_trains_without_a_warning(data_dir, tmp_path):
     train.train(train_config, model_config, log=lines.append)
     assert warnings(lines) == [], lines
     records = read_records(str(tmp_path / "out" / "metrics.jsonl"))
-    assert [r["iter"] for r in records if r["type"] == "health"] == list(range(1, 200, 20))
+    assert [r["iter"] for r in records if r["type"] == "health"] == list(range(1, 100, 10))
 
 
 # -----------------------------------------------------------------------------

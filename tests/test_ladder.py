@@ -111,6 +111,12 @@ def test_ladder_trains_scores_and_writes_the_table_and_plot(ladder_run, capsys):
         assert low <= float(mean) <= high and 0.5 < float(mean) < 5
         assert float(r[6]) == pytest.approx(float(mean) - float(r[4]), abs=2e-3)
     assert (out / "ladder.png").stat().st_size > 1000
+    # the gradient that reaches the first Block over the last's: stage 7 has three Blocks
+    assert table[0].endswith("| gradient: first Block / last Block (step 0; median of the run) |")
+    assert rows[0][-1] == "- |" and rows[1][-1] == "- |"  # one Block or none: nothing to compare
+    at_start, median = (float(v) for v in rows[2][-1].rstrip(" |").split("; "))
+    assert 0.1 < at_start < 10 and 0.1 < median < 10  # pre-norm residual Blocks: about as much
+    assert (out / "ladder-health.png").stat().st_size > 1000
     for name in ("1_bigram", "1_bigram-seed1338", "3_multi_head", "7_layer_norm-seed1338"):
         assert (out / name / "best.pt").exists(), name
 
