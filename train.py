@@ -190,8 +190,8 @@ def finish(run):
         with open(os.path.join(config.out_dir, "samples.txt"), "w", encoding="utf-8") as f:
             f.write(text)
         run.report.log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
-    run.health.finish()  # health.png with every health step
     run.report.done(run.iter_num, run.best_val_loss)  # the steps taken (or bought) and the time
+    run.health.finish()  # health.png with every health step
 
 
 # -----------------------------------------------------------------------------
@@ -246,6 +246,7 @@ class Run:
 
     def check_finite(self, values):
         if not all(math.isfinite(v) for v in values):
+            self.health.nonfinite(self.iter_num)  # a warning line: which weights went first
             raise FloatingPointError(
                 f"the loss is not finite at step {self.iter_num}; {self.ckpt_path} holds the last "
                 "good state (try a lower --learning_rate)"

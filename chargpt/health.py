@@ -39,15 +39,17 @@ a "train" record's: "iter": 1 holds the first step, from the initial weights). W
 one line each, once per run, and a {"type": "warning", "iter", "kind", "message"} record:
     init        the loss at step 0 far above ln(vocab_size), a uniform guess's (the
                 overconfident initial weights behind the "hockey stick" loss curve)
-    nonfinite   a loss that is nan or inf, and the first layer whose output is not finite
+    nonfinite   a loss that is nan or inf, and the first layer whose output is not finite (at
+                a health step) or the first weights that are not (when train.py stops on it)
     vanishing   a Block whose gradient is orders of magnitude below the last Block's
     dead        most of a FeedForward's units dead
     overfitting the val loss rising while the train loss falls
 health.png (draw) shows the makemore pictures from the records: a histogram of the
 activations and of the gradient per layer at the latest health step, the update-to-data
 ratio of each matrix over the run with the -3 guide line, and the attention entropy of
-each head. It is redrawn at an eval when there are new health records, at most every
-REDRAW_SECONDS, and at the end of the run.
+each head. Drawing it takes a few tenths of a second, so it is redrawn at an eval at most
+every REDRAW_SECONDS (when there are new health records), and at the end of the run, after
+its last line (a time budget does not count it).
 """
 
 import math
@@ -68,6 +70,7 @@ INIT_EXCESS = 1.0  # nats above ln(vocab_size) at step 0 that make the init warn
 VANISHING = 1e-2  # a Block's gradient std below this fraction of the last Block's: vanishing
 DEAD = 0.5  # more than this fraction of a FeedForward's units dead: the dead warning
 OVERFIT_MARGIN = 0.03  # nats: val above its best and train below its value there by this much
+NONFINITE_ADVICE = "The learning rate is probably too high for this model: try a lower --learning_rate, or --grad_clip=1.0"
 REDRAW_SECONDS = 30.0  # health.png is redrawn at an eval at most this often (a drawing takes a few tenths of a second)
 
 
@@ -88,7 +91,8 @@ class Health:
         self.log = report.log if report is not None else log
         self.warned = set()  # the kinds of warning already given: each once per run
         self.plot_path = os.path.join(os.path.dirname(report.metrics_path), "health.png") if report else None
-        self.drawn_at, self.drawn_records = 0.0, 0  # when health.png was last drawn, with how many health records
+        # when health.png was last drawn (the run's start, at first: a short run draws it at its end only), and from how many records
+        self.drawn_at, self.drawn_records = time.time(), 0
 
     def watch(self, iter_num):
         """A Watch with its hooks on the model when iter_num (the step count before the step)
@@ -132,12 +136,7 @@ class Health:
         loss = record["loss"]
         if loss is None:
             where = f"; the first layer whose output is not finite is {nonfinite_layer}" if nonfinite_layer else ""
-            self.warn(
-                "nonfinite",
-                step,
-                f"the loss is not finite at step {step}{where}. The learning rate is probably too high "
-                "for this model: try a lower --learning_rate, or --grad_clip=1.0",
-            )
+            self.warn("nonfinite", step, f"the loss is not finite at step {step}{where}. {NONFINITE_ADVICE}")
             return
         blocks = [layer for layer in record["layers"] if layer["name"].startswith("block")]
         if len(blocks) >= 2 and blocks[-1]["grad_std"]:
@@ -164,6 +163,20 @@ class Health:
                     "is the initial weights",
                 )
                 break
+
+    def nonfinite(self, iter_num):
+        """When train.py stops on a loss that is not finite: which weights went first."""
+        if not self.interval:
+            return
+        params = list(self.model.named_parameters())
+        bad = [name for name, p in params if not torch.isfinite(p).all()]
+        where = (
+            f"the first weights that are not finite are {bad[0]} ({len(bad)} of the model's {len(params)} tensors)"
+            if bad
+            else "every weight is still finite, so an activation overflowed"
+        )
+        advice = NONFINITE_ADVICE if iter_num > 0 else "At step 0 no update has happened yet: the model was built so"
+        self.warn("nonfinite", iter_num, f"the loss is not finite at step {iter_num}: {where}. {advice}")
 
     def eval(self, iter_num, losses):
         """At an eval (after the Reporter's record of it): the init and overfitting

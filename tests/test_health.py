@@ -165,6 +165,35 @@ def test_a_non_finite_loss_warns_naming_the_first_layer_that_is_not_finite():
     assert lines[0].startswith("warning: the loss is not finite at step 0; the first layer whose output is not finite is block 1")
 
 
+def test_a_nan_weight_stops_the_run_with_a_warning_that_names_it(data_dir, tmp_path, monkeypatch):
+    def broken(config):
+        model = build_model(config)
+        with torch.no_grad():
+            model.blocks[1].sa.qkv.weight[0, 0] = float("nan")
+        return model
+
+    monkeypatch.setattr(train, "build_model", broken)
+    lines = []
+    with pytest.raises(FloatingPointError, match="the loss is not finite at step 0"):
+        train.train(*tiny_configs(data_dir, tmp_path / "out", max_iters=5), log=lines.append)
+    assert warnings(lines) == [
+        "warning: the loss is not finite at step 0: the first weights that are not finite are blocks.1.sa.qkv.weight "
+        "(1 of the model's 28 tensors). At step 0 no update has happened yet: the model was built so"
+    ]
+
+
+def test_a_learning_rate_far_too_high_warns_at_the_health_step_that_meets_the_nan(data_dir, tmp_path):
+    lines = []
+    overrides = dict(learning_rate=1e30, min_lr=1e30, warmup_iters=0, grad_clip=0.0, log_interval=1, health_interval=1)
+    with pytest.raises(FloatingPointError, match="the loss is not finite at step 2"):
+        train.train(*tiny_configs(data_dir, tmp_path / "out", **overrides), log=lines.append)
+    found = warnings(lines)
+    assert len(found) == 1 and found[0].startswith(
+        "warning: the loss is not finite at step 1; the first layer whose output is not finite is block 0"
+    )
+    assert "try a lower --learning_rate" in found[0]
+
+
 def test_warnings_come_once_each():
     model = tiny_gpt()
     with torch.no_grad():
