@@ -31,7 +31,7 @@ from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
 from chargpt.health import Health, draw_health
-from chargpt.machine import autocast_context, resolve_device, resolve_dtype
+from chargpt.machine import autocast_context, keep_freed_memory, resolve_device, resolve_dtype
 from chargpt.metrics import Reporter
 from chargpt.optim import make_optimizer, train_step
 from model import GPT, Dropout, GPTConfig, build_model
@@ -133,76 +133,81 @@ def bench_train(args, overrides):
     print(speedup + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
 
 
+class HealthSteps:
+    """train.py's step on a config's model, with or without a health step's hooks (chargpt/health.py)."""
+
+    def __init__(self, config, model_config, out_dir):
+        self.config, self.device = config, resolve_device(config.device)
+        device_type = self.device.split(":")[0]
+        if device_type == "cpu":
+            keep_freed_memory()  # as train.py does: a step reuses the memory the last one freed
+        torch.manual_seed(0)
+        self.model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(self.device)
+        self.model.train()
+        shape = (config.batch_size, model_config.block_size)
+        self.dtype = resolve_dtype(config.dtype, device_type, self.model, shape)
+        self.ctx = autocast_context(device_type, self.dtype)
+        self.optimizer = make_optimizer(self.model, config, device_type)
+        self.batches = RandomBatches(65, model_config.block_size, config.batch_size)
+        tokens = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+        self.report = Reporter(out_dir, lambda m: None, None, 0, config.max_iters, tokens, resume=False)
+        self.health = Health(self.model, 1, self.report, log=lambda m: None)
+
+    def step(self, on):
+        """The seconds of one step, a health step when on (its record written, as train.py does)."""
+        t0 = time.perf_counter()
+        watch = self.health.watch(0) if on else None
+        loss = train_step(self.model, self.optimizer, self.batches, self.config, self.ctx, self.device, watch=watch)
+        self.health.record(watch)
+        loss.item()  # train.py syncs at its log steps; here every step, to time each
+        sync(self.device)
+        return time.perf_counter() - t0
+
+
 def bench_health(args, overrides):
-    """What health steps cost: train.py's step with and without them, in interleaved blocks of
-    health_interval steps (a block with health on holds one health step, as a run does), and
-    each health step's time against the plain steps around it."""
+    """What health steps cost. Each health step against the plain steps on either side of it
+    (a machine whose speed drifts moves them alike): the extra time of one, over interval
+    steps, is the overhead. Then, as a check, interleaved blocks of health_interval steps
+    without and with a health step, as a run takes them (noisier: a busy machine moves a
+    block by more than the overhead)."""
     config, model_config = load_configs(args.config, overrides)
     interval = config.health_interval
     if interval < 1:
         raise ValueError("--health_interval must be at least 1 to measure what it costs")
-    device = resolve_device(config.device)
-    device_type = device.split(":")[0]
-    torch.manual_seed(0)
-    model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
-    model.train()
-    dtype = resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
-    ctx = autocast_context(device_type, dtype)
-    optimizer = make_optimizer(model, config, device_type)
-    batches = RandomBatches(65, model_config.block_size, config.batch_size)
-    tokens = config.batch_size * config.gradient_accumulation_steps * model_config.block_size
-    print(
-        f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
-        f"batch {config.batch_size}, {dtype}, {config.optimizer}; health_interval {interval}; {args.rounds} rounds of "
-        f"{interval} steps without and {interval} with health, interleaved; {torch.get_num_threads()} threads"
-    )
     with tempfile.TemporaryDirectory() as out_dir:
-        report = Reporter(out_dir, lambda m: None, None, 0, config.max_iters, tokens, resume=False)
-        health = Health(model, interval, report, log=lambda m: None)
-
-        def block(on):
-            """interval steps, the first a health step when on; the time of each."""
-            times = []
-            for i in range(interval):
-                t0 = time.perf_counter()
-                watch = health.watch(i) if on else None
-                loss = train_step(model, optimizer, batches, config, ctx, device, watch=watch)
-                health.record(watch)
-                loss.item()  # train.py syncs at its log steps; here every step, to time each
-                sync(device)
-                times.append(time.perf_counter() - t0)
-            return times
-
+        bench = HealthSteps(config, model_config, out_dir)
+        print(
+            f"{args.config}: {model_config.n_layer} layers, n_embd {model_config.n_embd}, block {model_config.block_size}, "
+            f"batch {config.batch_size}, {bench.dtype}, {config.optimizer}, {torch.get_num_threads()} threads; "
+            f"{args.pairs} health steps between 3 plain steps on either side; {args.rounds} rounds of {interval} "
+            f"steps without and with one health step"
+        )
         for _ in range(args.warmup):
-            train_step(model, optimizer, batches, config, ctx, device)
-        plain, health_steps, totals = [], [], {False: 0.0, True: 0.0}
+            bench.step(False)
+        plain, extras = [], []
+        for _ in range(args.pairs):
+            times = [bench.step(on) for on in (False, False, False, True, False, False, False)]
+            around = times[:3] + times[4:]
+            plain += around
+            extras.append(times[3] - statistics.median(around))
+        totals = {False: 0.0, True: 0.0}
         for r in range(args.rounds):
             for on in (False, True) if r % 2 == 0 else (True, False):  # alternate the order: drift hits both
-                times = block(on)
-                totals[on] += sum(times)
-                plain += times[1:] if on else times
-                if on:
-                    health_steps.append(times[0])
+                totals[on] += sum(bench.step(on and i == 0) for i in range(interval))
         t0 = time.perf_counter()
-        drawn = draw_health(report.records, os.path.join(out_dir, "health.png"), "bench")
+        drawn = draw_health(bench.report.records, os.path.join(out_dir, "health.png"), "bench")
         draw_s = time.perf_counter() - t0
-    step, health_step = statistics.median(plain), statistics.median(health_steps)
-    extra = health_step - step
+    step, extra = statistics.median(plain), statistics.median(extras)
     print("| | ms |\n|---|---|")
     print(f"| a step (median of {len(plain)}) | {step * 1000:.1f} |")
-    print(f"| a health step (median of {len(health_steps)}) | {health_step * 1000:.1f} |")
-    print(f"| a health step's extra time | {extra * 1000:.1f} ({extra / step:.2f} steps) |")
-    print(
-        f"overhead at --health_interval={interval}: {extra / (interval * step):.2%} from the medians "
-        f"(the extra time over {interval} steps); {totals[True] / totals[False] - 1:+.2%} from the blocks' total times "
-        "(noisier: a busy machine moves them by more than that)"
-    )
-    others = [n for n in (10, 25, 50, 100, 250, 500) if n != interval]
-    print("at other intervals, from the medians: " + ", ".join(f"{n}: {extra / (n * step):.2%}" for n in others))
+    print(f"| a health step's extra time (median of {len(extras)}) | {extra * 1000:.1f} ({extra / step:.2f} steps) |")
+    print(f"overhead at --health_interval={interval}: {extra / (interval * step):.2%} (the extra time over {interval} steps)")
+    print("at other intervals: " + ", ".join(f"{n}: {extra / (n * step):.2%}" for n in (10, 25, 50, 100, 250, 500)))
+    if args.rounds:
+        print(f"the blocks' total times, with health against without: {totals[True] / totals[False] - 1:+.2%}")
     if drawn:
-        print(
-            f"drawing health.png from {len(health_steps)} health records took {draw_s:.2f}s (at evals, and at the end of a run)"
-        )
+        n = len(bench.report.records)
+        print(f"drawing health.png from {n} health records took {draw_s:.2f}s (at evals, and at the end of a run)")
 
 
 def bench_sizes(args, overrides):
@@ -464,7 +469,8 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p = sub.add_parser("health", help="what health steps cost, at --health_interval")
     p.add_argument("config")
-    p.add_argument("--rounds", type=int, default=4, help="pairs of blocks (health_interval steps each) without and with health")
+    p.add_argument("--pairs", type=int, default=10, help="health steps timed against the plain steps around them")
+    p.add_argument("--rounds", type=int, default=2, help="pairs of blocks of health_interval steps, without and with (0: none)")
     p.add_argument("--warmup", type=int, default=5)
     p = sub.add_parser("sizes", help="a table over model sizes")
     p.add_argument("--iters", type=int, default=3)

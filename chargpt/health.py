@@ -20,7 +20,8 @@ a health step measures, for the embeddings, each Block and lm_head (the "layers"
     - the attention entropy of each head in nats: 0 when every position reads one
       character, ln(t + 1) when position t reads all of them alike (the record keeps the
       uniform figure for comparison);
-and for each weight matrix (2-D parameter): its gradient's std and norm as backward left
+(with several micro-steps, of the last micro-batch; the attention of its first
+ATTENTION_SEQUENCES sequences) and for each weight matrix (2-D parameter): its gradient's std and norm as backward left
 them (before clipping; with several micro-steps, their sum), and the update-to-data ratio
 log10(std(update) / std(weight)), the update being what optimizer.step changed. The
 makemore lecture's rule of thumb is about -3: much lower and the matrix hardly learns,
@@ -89,7 +90,8 @@ class Health:
         self.step_model = model if step_model is None else step_model
         self.compiled, self.distributed = compiled, distributed
         self.log = report.log if report is not None else log
-        self.warned = set()  # the kinds of warning already given: each once per run
+        # the kinds of warning already given, each once per run: a resumed run's too
+        self.warned = {r["kind"] for r in report.records if r.get("type") == "warning"} if report else set()
         self.plot_path = os.path.join(os.path.dirname(report.metrics_path), "health.png") if report else None
         # when health.png was last drawn (the run's start, at first: a short run draws it at its end only), and from how many records
         self.drawn_at, self.drawn_records = time.time(), 0
@@ -133,8 +135,9 @@ class Health:
     def check_step(self, record, nonfinite_layer=None):
         """The warnings one health record can give: nonfinite, vanishing, dead."""
         step = record["iter"] - 1  # the step's forward ran on the weights of this iteration
-        loss = record["loss"]
-        if loss is None:
+        if not record["layers"]:
+            return  # the weights alone were measured (torch.compile with several processes)
+        if record["loss"] is None:
             where = f"; the first layer whose output is not finite is {nonfinite_layer}" if nonfinite_layer else ""
             self.warn("nonfinite", step, f"the loss is not finite at step {step}{where}. {NONFINITE_ADVICE}")
             return
@@ -470,8 +473,11 @@ def draw_health(records, path, title=""):
     ax_grad.set_xlabel("gradient")
     for ax in (ax_act, ax_grad):
         ax.set_ylabel("density")
-        ax.legend(fontsize=7, loc="upper right")
         ax.grid(alpha=0.3)
+        if hidden:
+            ax.legend(fontsize=7, loc="upper right")
+        else:  # torch.compile with several processes: the weights alone were measured
+            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
     draw_ratios(ax_ratio, health, colours)
     draw_entropy(ax_ent, last)
     loss = f", loss {last['loss']:.4f}" if last["loss"] is not None else ", loss not finite"

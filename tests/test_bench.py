@@ -31,9 +31,10 @@ def test_bench_train_compares_fast_and_reference(tmp_path):
 def test_bench_health_times_health_steps(tmp_path):
     cfg = tmp_path / "tiny.py"
     cfg.write_text("n_layer = 2\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\ndevice = 'cpu'\n")
-    out = bench("health", str(cfg), "--rounds=2", "--warmup=1", "--health_interval=4")
-    assert "| a health step (median of 2) |" in out and "overhead at --health_interval=4:" in out
-    assert "drawing health.png from 2 health records took" in out
+    out = bench("health", str(cfg), "--pairs=3", "--rounds=2", "--warmup=1", "--health_interval=4")
+    assert "| a health step's extra time (median of 3) |" in out and "overhead at --health_interval=4:" in out
+    assert "the blocks' total times, with health against without:" in out
+    assert "drawing health.png from 5 health records took" in out  # 3, and one per round
 
 
 def test_bench_sample_and_loss(data_dir, tmp_path):

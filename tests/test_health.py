@@ -322,3 +322,28 @@ def test_health_png_of_a_bigram_model(tmp_path):
     path = tmp_path / "health.png"
     assert draw_health([record], str(path), "bigram") and path.stat().st_size > 10_000
     assert not draw_health([], str(tmp_path / "none.png"))
+
+
+def test_a_compiled_model_in_several_processes_measures_its_weights_alone(tmp_path, recwarn, capsys):
+    """torch.compile does not call hooks added after compiling: with DDP around the compiled
+    module the health step cannot run the plain one, and measures the weight matrices only."""
+    model = tiny_gpt(init="pytorch")
+    health = Health(model, 1, step_model=model, compiled=True, distributed=True)
+    watch = health.watch(0)
+    train_step(
+        watch.model,
+        torch.optim.SGD(model.parameters(), lr=0.1),
+        FixedBatch(*batch()),
+        TrainConfig(),
+        nullcontext(),
+        "cpu",
+        watch=watch,
+    )
+    record = health.record(watch)
+    assert record["layers"] == [] and record["entropy"] == [] and record["loss"] is None
+    assert len(record["matrices"]) == 11 and all(m["update"] is not None for m in record["matrices"])
+    assert capsys.readouterr().out == ""  # no warning: an unmeasured loss is not a loss that is not finite
+    assert draw_health([record], str(tmp_path / "health.png"), "compiled") and not recwarn.list
+    # one process: the health step runs the plain module, measured in full
+    health = Health(model, 1, step_model=torch.nn.Identity(), compiled=True)
+    assert health.watch(0).model is model
