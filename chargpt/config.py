@@ -211,7 +211,7 @@ class TrainConfig:
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
     dtype: str = knob(
         "auto",
-        "'auto' (bfloat16 autocast where it is faster: CUDA with bf16; a CPU with bf16 units where a timing of this model says so), float32 or bfloat16",
+        "'auto' (from the hardware: a GPU of compute capability 8.0+ bfloat16 autocast and TF32, 7.x float16 autocast with loss scaling; MPS float32; a CPU with bf16 units bfloat16 where a timing of this model says so), float32, bfloat16 or float16",
     )
     compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
@@ -246,8 +246,7 @@ class TrainConfig:
             raise ValueError(f"--data_order must be 'random' or 'epoch', got {self.data_order!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt.machine import machine, read_cache, write_cache
+from chargpt.machine import gpu_has_bf16, machine, read_cache, write_cache
 from model import GPT, Dropout, FeedForward
 
 DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -221,7 +221,8 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V)
-    # multinomial draws on the CPU from the seeded generator: same seed, same text on any device
+    # multinomial draws on the CPU from the seeded generator: same seed, same text on any
+    # device, and never MPS's multinomial, which has drawn wrong samples (pytorch#92752, #136623)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)  # (B,)
 
 
@@ -287,9 +288,9 @@ def candidates(device):
     """The dtype names auto chooses among on this device."""
     if device.type == "cpu":
         return ["float32", "float16", "bfloat16", "int8"]
-    if device.type == "cuda":
-        return ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
-    return ["float32"]
+    if device.type == "cuda":  # bfloat16 where the GPU has it, not where PyTorch emulates it (a T4)
+        return ["float32", "float16"] + (["bfloat16"] if gpu_has_bf16(device) else [])
+    return ["float32"]  # MPS: the other dtypes are unmeasured there
 
 
 def cache_key(model, batch_size, device):

@@ -6,6 +6,7 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
 import train
 from conftest import ROOT, tiny_configs
@@ -94,6 +95,13 @@ def test_sample_bad_input(trained, flags, message):
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_sample_on_mps_without_it_is_one_line(trained):
+    result = sample(f"--out_dir={trained}", "--device=mps")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == "sample.py: error: --device=mps but MPS is not available here (try --device=cpu)"
 
 
 def test_sample_missing_or_broken_checkpoint(trained, tmp_path):

@@ -148,7 +148,7 @@ def main_error(capsys, argv):
         (["--eval_sample_chars=-1"], "--eval_sample_chars must be 0 or more"),
         (["--init_from=resume"], "no checkpoint at"),
         (["--init_from=maybe"], "--init_from must be"),
-        (["--dtype=float16"], "--dtype must be"),
+        (["--dtype=float64"], "--dtype must be"),
         (["--optimizer=sgd"], "--optimizer must be 'adamw' or 'muon'"),
         (["--muon_lr=-1"], "--muon_lr must be a finite number >= 0"),
         (["--time_budget=-1"], "--time_budget must be a finite number >= 0, got -1.0"),
@@ -176,6 +176,13 @@ def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, capsys, flags, me
     assert code == 1
     assert len(err.splitlines()) == 1 and message.replace("data/", os.path.join(data_dir, "")) in err or message in err, err
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_device_mps_on_a_machine_without_it_is_one_line(data_dir, tmp_path, capsys):
+    code, err = main_error(capsys, [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--device=mps"])
+    assert code == 1 and err == "train.py: error: --device=mps but MPS is not available here (try --device=cpu)"
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
