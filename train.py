@@ -51,7 +51,7 @@ from chargpt.data import BatchSampler, load_dataset
 from chargpt.engine import sample_text
 from chargpt.memory import check_training_memory
 from chargpt.metrics import Reporter
-from chargpt.optim import make_optimizer, train_step
+from chargpt.optim import LossScaler, make_optimizer, train_step
 from chargpt.schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from model import GPTConfig, build_model
 
@@ -107,7 +107,7 @@ def training_loop(run):
                 return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
             t_step = time.time()
-            loss = train_step(run.step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp)
+            loss = train_step(run.step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, run.scaler)
             run.iter_num += 1
             log_step(run, loss, lr)
             progress.measure_step(time.time() - t_step)  # the logging's device sync included
@@ -207,6 +207,7 @@ class Run:
     eval_samplers: dict
     ctx: object  # autocast, or nothing
     progress: RunProgress
+    scaler: LossScaler = None  # float16 only
     report: Reporter = None
     iter_num: int = 0
     start_iter: int = 0
@@ -256,6 +257,7 @@ class Run:
             rng_ranks=rng_ranks if self.ddp.world_size > 1 else None,
             elapsed=self.report.elapsed(),
             timings=self.progress.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
         )
         state = ckpt.run_state(
             self.model,
@@ -273,6 +275,7 @@ class Run:
 def setup(config, model_config, ddp, device, log, live, t_start):
     """Everything the loop needs, checked before the first write into out_dir."""
     device_type = device.split(":")[0]
+    machine.check_compile(config.compile, device)
     if device_type == "cpu":
         machine.keep_freed_memory()  # a step reuses the memory the last one freed
     train_data, val_data, tokenizer = load_dataset(config)
@@ -313,6 +316,8 @@ def setup(config, model_config, ddp, device, log, live, t_start):
         },
         ctx=machine.autocast_context(device_type, dtype),
         progress=RunProgress(config),
+        # float16's loss scaling; it says a skipped step through the Reporter made below
+        scaler=LossScaler(device_type, lambda message: run.report.log(message)) if dtype == "float16" else None,
     )
     elapsed_before = resume(run, checkpoint, log) if checkpoint is not None else None
     del checkpoint
@@ -359,6 +364,8 @@ def resume(run, checkpoint, log):
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.iter_num = run.start_iter = checkpoint["iter_num"]
     run.best_val_loss = checkpoint["best_val_loss"]
+    if run.scaler is not None and "scaler" in checkpoint:
+        run.scaler.load_state_dict(checkpoint["scaler"])
     states = checkpoint.get("rng_ranks", [checkpoint["rng"]])
     if len(states) == ddp.world_size:
         ckpt.set_rng_state(states[ddp.rank], run.batches)

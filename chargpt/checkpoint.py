@@ -13,6 +13,8 @@ A checkpoint is a dict of tensors and plain data, loadable with torch.load(weigh
     elapsed         seconds the run had spent when it was written (a time budget goes on from it)
     timings         the measured seconds of a step, an eval and a generated character, with
                     which a resumed run with a time budget plans its end before its first eval
+    scaler          float16 runs only: the loss scaler's state (chargpt/optim.py's LossScaler),
+                    so that a resumed run scales and skips as the uninterrupted one would
     version         format version
 
 out_dir/ckpt.pt is the latest state (written at every eval); out_dir/best.pt the one with
@@ -110,7 +112,7 @@ def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
 
 def run_state(model, model_config, config, tokenizer, iter_num, best_val_loss, optimizer=None, **resume):
     """The checkpoint dict of a training run. With the optimizer it is a full state to
-    resume from (resume: rng, rng_ranks, elapsed, timings); without, weights for sampling."""
+    resume from (resume: rng, rng_ranks, elapsed, timings, scaler); without, weights for sampling."""
     state = {
         "model": model.state_dict(),
         "iter_num": iter_num,
