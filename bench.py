@@ -42,7 +42,7 @@ from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_chec
 from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
-from chargpt.machine import autocast_context, resolve_device, resolve_dtype
+from chargpt.machine import autocast_context, cpu_has_bf16_units, resolve_device, resolve_dtype
 from chargpt.optim import LossScaler, make_optimizer, train_step
 from model import GPT, Dropout, GPTConfig, build_model
 
@@ -141,6 +141,32 @@ def bench_train(args, overrides):
     if muon:
         speedup += f" with Muon's extra work per step, {ref_ms / adamw_ms:.2f}x with AdamW"
     print(speedup + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
+    if config.dtype == "auto":
+        check_dtype_auto(config, model_config, args, dtype)
+
+
+def check_dtype_auto(config, model_config, args, picked):
+    """--dtype=auto against each explicit dtype this machine has, in rounds that take turns:
+    auto's pick should be within 10% of the fastest."""
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        dtypes = ["float32", "float16"] + (["bfloat16"] if machine.gpu_has_bf16(device) else [])
+    else:
+        dtypes = ["float32"] + (["bfloat16"] if device_type == "cpu" and cpu_has_bf16_units() else [])
+    if len(dtypes) == 1:
+        print(f"--dtype=auto: float32, the only dtype this {device_type} trains in at full speed")
+        return
+    ms = {dtype: [] for dtype in dtypes}
+    for _ in range(3):
+        for dtype in dtypes:
+            step = time_steps(dataclasses.replace(config, dtype=dtype), model_config, args.iters, args.warmup)[0]
+            ms[dtype].append(step)
+    best = min(dtypes, key=lambda d: min(ms[d]))
+    rows = ", ".join(f"{d} {min(ms[d]):,.0f} ms" for d in dtypes)
+    ok = min(ms[picked]) <= 1.1 * min(ms[best])
+    verdict = "within 10% of the fastest, as it should be" if ok else "MORE THAN 10% SLOWER THAN THE FASTEST"
+    print(f"--dtype=auto picked {picked}; explicit dtypes, best of 3 interleaved rounds: {rows}: {verdict}")
 
 
 def bench_sizes(args, overrides):
@@ -281,7 +307,8 @@ def bench_sample(args, overrides):
         rate, best_rate = max(rates[auto[batch], batch]), max(rates[best, batch])
         print(
             f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
-            f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})"
+            f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f}): "
+            + ("within 10% of the best, as it should be" if rate >= 0.9 * best_rate else "MORE THAN 10% BELOW THE BEST")
         )
     if args.repeats > 1:
         print(f"(a row's passes differ by up to {spread:.0%}: that much is noise)")

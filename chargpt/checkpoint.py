@@ -163,12 +163,22 @@ def check_resumable(checkpoint, path, config):
     if saved != config.optimizer:
         raise ValueError(f"--optimizer={config.optimizer} differs from the {saved!r} that {path} was trained with")
     # the loop stops when the step reaches max_iters: one already past it would never stop,
-    # and would go on rewriting the trained model
+    # and would go on rewriting the trained model; one at it has nothing left to do
     done = checkpoint["iter_num"]
-    if not config.time_budget and config.max_iters < done:
+    if config.max_iters <= done:
+        where = "already past it, at step" if config.max_iters < done else "there already: the run finished at step"
         raise ValueError(
-            f"--max_iters={config.max_iters} is below step {done}, where {path} already is: "
-            f"pass a --max_iters above {done} to train on (max_iters counts the whole run)"
+            f"--max_iters={config.max_iters}: {path} is {where} {done}; pass a --max_iters above {done} "
+            "to train on (max_iters counts the whole run)"
+        )
+
+
+def check_budget_left(progress, elapsed, path, config):
+    """Refuse to resume a run whose time budget is spent: it would train nothing."""
+    if progress.budget and progress.out_of_time(elapsed):
+        raise ValueError(
+            f"--time_budget={config.time_budget:g}: {path} has spent it ({elapsed:.1f}s of the run so far); "
+            "pass a larger --time_budget to train on (it counts the whole run), or --time_budget=0 to go on to --max_iters"
         )
 
 

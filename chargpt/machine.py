@@ -153,6 +153,7 @@ def init_distributed(device):
 
 ROUNDS = 3
 MAX_ROWS = 4096  # tokens per timed step
+MARGIN = 0.9  # a faster dtype is taken only where it takes less than this fraction of the simpler one's time
 DTYPE_CACHE = "train_dtype"
 
 
@@ -234,16 +235,38 @@ def resolve_dtype(name, device, model=None, batch_shape=None, log=None):
         return "float32"
     if device_type != "cpu" or not cpu_has_bf16_units() or model is None:
         return "float32"
+    return timed_cpu_dtype(model, batch_shape, log)
+
+
+def timed_cpu_dtype(model, batch_shape, log=None):
+    """float32 or bfloat16 on a CPU with bf16 units, from a timing of this model kept in the
+    cache. bfloat16 only where its step takes less than MARGIN of float32's: within the
+    margin the simpler float32 stays, so the noise of one timing cannot flip the choice. A
+    timing taken while other programs were busy on the machine is used, and taken again by
+    the next run on a quieter machine."""
     key = f"{machine()} | {json.dumps(dict(sorted(vars(model.config).items())))} | batch {tuple(batch_shape)}"
     times = read_cache(DTYPE_CACHE).get(key)
-    if not (isinstance(times, dict) and set(times) == {"float32", "bfloat16"}):
-        times = time_dtypes(model, batch_shape)
+    valid = isinstance(times, dict) and all(isinstance(times.get(d), float) for d in ("float32", "bfloat16"))
+    if not valid or (times.get("busy") and not machine_busy()):
+        busy = machine_busy()
+        times = {**time_dtypes(model, batch_shape), "busy": busy, "when": round(time.time())}
         write_cache(DTYPE_CACHE, key, times)
-        log(
-            f"dtype auto: a training step here takes {times['float32'] * 1000:.0f} ms in float32, "
-            f"{times['bfloat16'] * 1000:.0f} ms with bfloat16 autocast (timed once, cached)"
-        )
-    return min(times, key=times.get)
+        if log:
+            log(
+                f"dtype auto: a training step here takes {times['float32'] * 1000:.0f} ms in float32, "
+                f"{times['bfloat16'] * 1000:.0f} ms with bfloat16 autocast{' (timed on a busy machine)' if busy else ''}; "
+                f"kept in {cache_path(DTYPE_CACHE)} (delete it to time again)"
+            )
+    return "bfloat16" if times["bfloat16"] < MARGIN * times["float32"] else "float32"
+
+
+def machine_busy():
+    """Whether other programs keep the cores busy now: the load average of the last minute
+    over half the cores this process uses (a laptop playing a video, another training run)."""
+    try:
+        return os.getloadavg()[0] > 0.5 * torch.get_num_threads()
+    except OSError:  # not every system has a load average
+        return False
 
 
 def cuda_dtype(capability):

@@ -65,7 +65,7 @@ def test_a_run_learns_in_each_dtype_and_its_checkpoint_samples(data_dir, tmp_pat
         pytest.skip(f"{machine.describe_gpu(DEVICE)} has no {dtype}")
     out = tmp_path / "o"
     summary, lines = run(data_dir, out, dtype=dtype, sample_chars=20)
-    assert any(line.startswith(f"device {DEVICE}, dtype {dtype},") for line in lines), lines
+    assert any(line.startswith(f"device {DEVICE}, {dtype};") for line in lines), lines
     losses = val_losses(lines)
     assert losses[-1] < losses[0] - 0.5, lines
     checkpoint = load_checkpoint(str(out / "ckpt.pt"))

@@ -8,6 +8,7 @@ import sys
 import pytest
 import torch
 
+import sample as sample_py
 import train
 from conftest import ROOT, tiny_configs
 
@@ -192,3 +193,17 @@ def test_help_lists_every_option_with_its_meaning(capsys):
     for f in dataclasses.fields(sample_py.SampleConfig):
         line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name}="))
         assert f.metadata["help"] in line
+
+
+def test_the_attention_picture_labels_every_character_and_leaves_the_future_blank(tmp_path):
+    T = 70
+    maps = torch.softmax(torch.randn(2, 2, T, T).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), dim=-1)
+    chars = ("ROMEO: what say you, my lord? " * 3)[:T]
+    fig = sample_py.draw_attention(maps, chars, str(tmp_path / "a.png"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [{" ": "␣"}.get(c, c) for c in chars]
+    image = ax.get_images()[0].get_array()
+    assert image.mask[0, 1] and image.mask[5, 69] and not image.mask[69, 0] and not image.mask[3, 3]
+    # a prompt longer than can be labelled one by one: every k-th, and the title says so
+    fig = sample_py.draw_attention(torch.ones(1, 1, 200, 200) / 200, "x" * 200, str(tmp_path / "b.png"))
+    assert len(fig.axes[0].get_xticklabels()) == 67 and fig.get_suptitle() == "200 characters, one label every 3"

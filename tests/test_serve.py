@@ -386,10 +386,10 @@ def browser():
 
 
 def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
+    driver = browser()  # first: it skips, saying why, where selenium or Chromium is missing
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = browser()
     try:
         wait = WebDriverWait(driver, 30)
         driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
