@@ -95,7 +95,9 @@ def training_loop(run):
             if (eval_due or last_step) and not resumed_here:
                 evaluate_and_save(run, last_step)
                 # an eval slower than expected may leave no time for another step: then this was the last
-                last_step = last_step or run.where(eval_due=False)[1]
+                if not last_step and run.where(eval_due=False)[1]:
+                    last_step = True
+                    run.save(run.ckpt_path, finished=True)  # mark it: a resume must not go on past the budget
             if last_step:
                 break
             if stop.requested(run.ddp, run.device):
@@ -147,7 +149,7 @@ def evaluate_and_save(run, last):
     if losses["val"] < run.best_val_loss:
         run.best_val_loss = losses["val"]
         run.save(run.best_path, with_optimizer=False)
-    run.save(run.ckpt_path)
+    run.save(run.ckpt_path, finished=last)
     if run.ddp.master:
         # a sample to watch the model improve, timed so that a time budget keeps enough for
         # samples.txt (a short unseen one when evals print none)
@@ -247,9 +249,10 @@ class Run:
                 "good state (try a lower --learning_rate)"
             )
 
-    def save(self, path, with_optimizer=True):
+    def save(self, path, with_optimizer=True, finished=False):
         """Write a checkpoint from rank 0; with several processes every one must call this,
-        since each hands over its random state."""
+        since each hands over its random state. finished: the run ends here (the budget
+        spent or max_iters reached), which a resume checks."""
         rng = ckpt.rng_state(self.batches) if with_optimizer else None
         rng_ranks = [None] * self.ddp.world_size
         if with_optimizer and self.ddp.world_size > 1:
@@ -262,6 +265,7 @@ class Run:
             elapsed=self.report.elapsed(),
             timings=self.progress.state_dict(),
             scaler=self.scaler.state_dict() if self.scaler else None,
+            finished=finished,
         )
         state = ckpt.run_state(
             self.model,
@@ -366,7 +370,7 @@ def resume(run, checkpoint, log):
         log(f"note: {path} was written by {len(states)} process(es), this run has {ddp.world_size}: new random streams")
     log(f"resuming from {path} at step {run.iter_num} (best val loss {run.best_val_loss:.4f})")
     run.progress.load_state_dict(checkpoint.get("timings", {}))  # what its steps and evals took
-    ckpt.check_budget_left(run.progress, checkpoint.get("elapsed") or 0.0, path, config)
+    ckpt.check_budget_left(checkpoint, run.progress, path, config)
     note = ckpt.budget_change_note(checkpoint, path, config)
     if note:
         log(note)

@@ -10,6 +10,7 @@ A checkpoint is a dict of tensors and plain data, loadable with torch.load(weigh
     vocab           the characters, in token-id order, as one string
     rng             random states (torch, numpy, Python, the batch sampler) for an exact resume;
                     rng_ranks: one per process of a torchrun run
+    finished        whether the run ended with this checkpoint (its budget spent or max_iters reached)
     elapsed         seconds the run had spent when it was written (a time budget goes on from it)
     timings         the measured seconds of a step, an eval and a generated character, with
                     which a resumed run with a time budget plans its end before its first eval
@@ -173,9 +174,16 @@ def check_resumable(checkpoint, path, config):
         )
 
 
-def check_budget_left(progress, elapsed, path, config):
-    """Refuse to resume a run whose time budget is spent: it would train nothing."""
-    if progress.budget and progress.out_of_time(elapsed):
+def check_budget_left(checkpoint, progress, path, config):
+    """Refuse to resume a run whose time budget is spent: it would train nothing. A run marks
+    the checkpoint it ends with (finished); one from before the mark is judged by its times."""
+    saved = checkpoint.get("train_config", {}).get("time_budget", 0.0)
+    elapsed = checkpoint.get("elapsed") or 0.0
+    if "finished" in checkpoint:
+        spent = checkpoint["finished"] and 0 < config.time_budget <= saved and checkpoint["iter_num"] < config.max_iters
+    else:
+        spent = progress.budget and progress.out_of_time(elapsed)
+    if spent:
         raise ValueError(
             f"--time_budget={config.time_budget:g}: {path} has spent it ({elapsed:.1f}s of the run so far); "
             "pass a larger --time_budget to train on (it counts the whole run), or --time_budget=0 to go on to --max_iters"
