@@ -469,7 +469,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row of logits (B, V), as a (B,) tensor."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature  # (B, V)
+    # subtract the largest logit before dividing: it stays exactly 0 at any temperature, so a
+    # tiny one gives near-argmax instead of inf - inf = NaN; a temperature under float32's
+    # smallest normal number counts as that number (1e-310 is 0 in float32, and 0 / 0 is NaN)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)  # (B, V)
     if top_k > 0:
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
@@ -480,6 +484,7 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
         # drop a token when the tokens before it already reach top_p; the first always stays
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        drop[:, 0] = False  # a top_p under 1.4e-45 is 0 in float32, and 0 >= 0 would drop it too
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V)
     # multinomial draws on the CPU from the seeded generator: same seed, same text on any device

@@ -191,6 +191,25 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0}
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-310, 5e-324])
+def test_a_tiny_temperature_is_near_argmax(temperature):
+    """A temperature that underflows float32 (or makes logits / temperature overflow) still
+    draws the most likely token, not inf - inf = NaN; equal best logits stay a draw."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9999], [30.0, -50.0, 29.0, 0.0], [1.0, 3.0, 3.0, -2.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_next(logits, temperature, generator=g).tolist() for _ in range(100)]
+    assert {tuple(d[:2]) for d in draws} == {(1, 0)} and {d[2] for d in draws} == {1, 2}
+    assert sample_next(logits, temperature, top_k=2, top_p=0.5, generator=g).tolist()[:2] == [1, 0]
+
+
+@pytest.mark.parametrize("top_p", [1e-30, 1e-45, 5e-324])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    """top_p under float32's smallest number is 0 there: the most likely token still stays."""
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    assert {tuple(sample_next(probs.log(), 1.0, top_p=top_p, generator=g).tolist()) for _ in range(50)} == {(1, 0)}
+
+
 def test_bigram_generates():
     config = GPTConfig(model_type="bigram", block_size=8, vocab_size=11)
     model = BigramLanguageModel(config)

@@ -51,6 +51,15 @@ def test_sample_decode_dtypes(trained):
             assert result.stdout == uncached.stdout
 
 
+def test_sample_with_a_temperature_and_top_p_that_underflow_is_greedy(trained):
+    """1e-310 and 5e-324 pass --temperature's and --top_p's checks and are 0 in float32: the
+    text is the greedy one, not a traceback."""
+    flags = [f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=30", "--decode_dtype=float32"]
+    tiny = sample(*flags, "--temperature=1e-310", "--top_p=5e-324")
+    assert tiny.returncode == 0 and tiny.stderr == "", tiny.stderr
+    assert tiny.stdout == sample(*flags, "--temperature=0").stdout
+
+
 def test_sample_batch_and_file_prompt(trained, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("KING:\n", encoding="utf-8")
