@@ -303,6 +303,9 @@ ROUTES = {
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "chargpt-serve"
+    # a request line without a version ("GET /") is answered as HTTP/1.0 would be: HTTP/0.9's
+    # answer is the body alone, with no status line a client could read the error from
+    default_request_version = "HTTP/1.0"
 
     def setup(self):
         self.timeout = self.server.playground.config.timeout  # the socket's, so every write waits at most this
@@ -347,7 +350,8 @@ class Handler(BaseHTTPRequestHandler):
     def send_error(self, code, message=None, explain=None):
         """The standard library's own refusals (a malformed request line, headers too long or
         too many) in this server's JSON, not its HTML page."""
-        self.request_version = "HTTP/1.0"  # a status line, even when the request line was too broken to have a version
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = 400  # a request line of HTTP/2.0 or more: what is wrong is the request, so a 4xx
         self.send_error_json(RequestError(code, "request", shown(message or HTTPStatus(code).phrase, 200)))
 
     def send_event(self, data, event=None):
@@ -422,9 +426,10 @@ class Handler(BaseHTTPRequestHandler):
         length = length.strip()
         if not (length.isascii() and length.isdigit()):  # isdigit alone takes "٣" and "²", which int() may refuse
             raise RequestError(400, "Content-Length", f"expected a number of bytes, got '{shown(length, 40)}'")
-        size = int(length) if len(length) <= 18 else math.inf  # int() refuses more than 4,300 digits
+        digits = len(length.lstrip("0"))
+        size = int(length) if digits <= 18 else math.inf  # int() refuses more than 4,300 digits
         if size > MAX_BODY_BYTES:
-            shown_size = f"{size:,}" if size < math.inf else f"a {len(length):,}-digit number of"
+            shown_size = f"{size:,}" if size < math.inf else f"a {digits:,}-digit number of"
             raise RequestError(413, "body", f"{shown_size} bytes, more than the limit of {MAX_BODY_BYTES:,}")
         raw = self.rfile.read(size)
         if len(raw) < size:

@@ -158,6 +158,13 @@ def test_streamed_text_is_sample_pys(server, trained, capsys):
     assert streamed_text(server, prompt="KING:", max_new_tokens=0) == ""
 
 
+def test_a_temperature_and_top_p_that_underflow_stream_the_greedy_text(server):
+    """1e-310 and 5e-324 pass the fields' checks and are 0 in float32: the stream is the greedy
+    text, where it was a RuntimeError from torch.multinomial."""
+    greedy = streamed_text(server, prompt="ROMEO:", max_new_tokens=30, temperature=0)
+    assert streamed_text(server, prompt="ROMEO:", max_new_tokens=30, temperature=1e-310, top_p=5e-324) == greedy
+
+
 def test_attention_rows_sum_to_one_and_match_attention_maps(server):
     playground, text = server.playground, "ROMEO:\nthe king"
     status, _, answer = call(server, "POST", "/api/attention", {"text": text})
