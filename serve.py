@@ -79,7 +79,7 @@ class ServeConfig:
     max_new_tokens_limit: int = knob(5000, "the most characters one request may ask to generate")
     max_chars: int = knob(10000, "the longest prompt or text one request may send, in characters")
     timeout: float = knob(10.0, "seconds a client has to send its whole request, and that a reply waits on a client that does not read")
-    max_connections: int = knob(64, "connections served at once, a thread and an open file each; beyond it a client gets 503 at once")
+    max_connections: int = knob(128, "connections served at once, a thread and an open file each; beyond it a client gets 503 at once")
     max_generations: int = knob(4, "generations streamed at once, each busy on the CPU or GPU; beyond it /api/generate answers 503")
 
     def validate(self):
@@ -195,6 +195,7 @@ class Playground:
         self.running = 0
         self.slots = threading.BoundedSemaphore(config.max_generations)  # one per generation streaming now
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
+        self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
 
     # -- the endpoints' work, free of HTTP
 
@@ -267,6 +268,15 @@ class Playground:
         with self.lock:
             self.running -= 1
             self.finished.append((generated, asked, left))
+
+    def stop(self, seconds=10.0):
+        """End each generation at its next character, and wait (up to seconds) until they have:
+        Python exiting while a thread is still inside PyTorch aborts the process ("terminate
+        called without an active exception")."""
+        self.stopping.set()
+        deadline = time.monotonic() + seconds
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.01)
 
 
 class RequestReader(io.RawIOBase):
@@ -474,6 +484,8 @@ class Handler(BaseHTTPRequestHandler):
         config, prompt_ids = playground.generation(self.read_json())
         # a generation keeps a core busy for as long as it streams: beyond a few at once, each
         # would only slow the others down
+        if playground.stopping.is_set():
+            raise RequestError(503, "server", "stopping (Ctrl-C)")
         if not playground.slots.acquire(blocking=False):
             n = playground.config.max_generations
             raise RequestError(503, "server", f"busy: {n} generation(s) streaming, this server's limit (--max_generations); "
@@ -492,39 +504,43 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        tokens = generate_tokens(playground.model, prompt_ids, config)
-        generated, left, t0 = [], None, time.time()
+        generated, ended, tokens, t0 = [], "generated", None, time.time()
         with playground.lock:
             playground.running += 1
         try:
+            tokens = generate_tokens(playground.model, prompt_ids, config)
             for token in tokens:  # (1,)
+                if playground.stopping.is_set():  # Ctrl-C: end between two characters (Playground.stop)
+                    ended = "stopped (Ctrl-C) after"
+                    self.send_event({"error": "server: stopped (Ctrl-C)", "field": "server"}, event="error")
+                    break
                 generated.append(playground.tokenizer.decode(token.tolist()))
                 # a write to a client that has gone fails within a character or two: the
                 # first lands in the socket's buffer, the peer answers with a reset
                 self.send_event({"char": generated[-1]})
-            seconds = time.time() - t0
-            self.send_event({"text": "".join(generated), "chars": len(generated), "seconds": round(seconds, 3),
-                             "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1)}, event="done")
+            else:
+                seconds = time.time() - t0
+                self.send_event({"text": "".join(generated), "chars": len(generated), "seconds": round(seconds, 3),
+                                 "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1)}, event="done")
         except ConnectionError:
-            left = "client left after"
+            ended = "client left after"
         except TimeoutError:  # its buffers are full: a client that stopped reading must not hold its slot for ever
-            left = f"client read nothing for --timeout={self.timeout:g} s after"
+            ended = f"client read nothing for --timeout={self.timeout:g} s after"
         except Exception as e:  # noqa: BLE001 (a bug: the stream has begun, so say it as an event)
             playground.log(f"generate: {type(e).__name__}: {e}")
             try:
                 self.send_event({"error": f"server: {type(e).__name__}: {e}", "field": "server"}, event="error")
             except OSError:
-                left = "client left after"
+                ended = "client left after"
         finally:
-            tokens.close()  # ends model.generate where it stands
-            playground.record(len(generated), config.max_new_tokens, left is not None)
-        playground.log(f"generate: {left or 'generated'} {len(generated)} of {config.max_new_tokens} characters "
-                       f"in {time.time() - t0:.2f}s")
+            if tokens is not None:
+                tokens.close()  # ends model.generate where it stands
+            playground.record(len(generated), config.max_new_tokens, ended.startswith("client"))
+        playground.log(f"generate: {ended} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s")
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stream still open does not keep Ctrl-C waiting
-    block_on_close = False  # nor does server_close, which would otherwise join every request's thread
+    daemon_threads = True  # a stream still open does not keep Ctrl-C waiting (Playground.stop ends it first)
     # the listen backlog: a burst of connects waits there for accept(), where socketserver's
     # 5 made the rest wait for their SYN to be sent again a second later (the kernel caps it
     # at net.core.somaxconn)
@@ -655,6 +671,7 @@ def main(argv=None):
         pass
     finally:
         server.server_close()
+        playground.stop()
     return 0
 
 

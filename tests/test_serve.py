@@ -4,16 +4,20 @@ port, and the page itself driven by a real headless Chromium."""
 import contextlib
 import http.client
 import json
+import os
 import select
 import shutil
+import signal
 import socket
 import struct
+import subprocess
+import sys
 import threading
 import time
 
 import pytest
 import torch
-from conftest import tiny_configs
+from conftest import ROOT, tiny_configs
 
 import sample
 import serve
@@ -139,7 +143,7 @@ def test_page_and_info(server):
     assert status == 200 and info["model_type"] == "gpt" and info["n_layer"] == 2 and info["n_head"] == 2
     assert info["iter_num"] == 60 and info["params"] == server.playground.model.num_params() > 0
     assert info["block_size"] == 16 and info["vocab"] == server.playground.tokenizer.chars
-    assert info["limits"] == {"max_new_tokens": LIMIT, "max_chars": 500, "max_generations": 8, "max_connections": 64,
+    assert info["limits"] == {"max_new_tokens": LIMIT, "max_chars": 500, "max_generations": 8, "max_connections": 128,
                               "timeout": 10.0}
 
 
@@ -466,6 +470,46 @@ def test_clients_that_leave_before_their_answer_cost_a_log_line_at_most(trained,
     err = capfd.readouterr().err
     assert "Traceback" not in err and "Exception" not in err, err
     assert len(lines) <= 90 and all("\n" not in line and len(line) < 200 for line in lines), lines
+
+
+def test_stop_ends_open_streams_between_characters(trained):
+    with running(trained) as server:
+        playground = server.playground
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += streaming.recv(4096)
+        playground.stop()
+        assert playground.running == 0
+        with streaming:
+            received += streaming.makefile("rb").read()
+        assert received.endswith(b'event: error\ndata: {"error": "server: stopped (Ctrl-C)", "field": "server"}\n\n')
+        status, _, answer = call(server, "POST", "/api/generate", {"prompt": "KING:"})
+        assert status == 503 and answer["error"] == "server: stopping (Ctrl-C)"
+
+
+def test_ctrl_c_with_a_stream_open_exits_cleanly(trained):
+    """Python exiting while a generation's thread is inside PyTorch aborted the process
+    ("terminate called without an active exception", exit status -6)."""
+    process = subprocess.Popen([sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={trained}", "--device=cpu",
+                                "--decode_dtype=float32"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    try:
+        url = process.stdout.readline().split()[2]  # playground at http://127.0.0.1:PORT/
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": 5000}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1])), timeout=60) as client:
+            client.sendall(request_bytes("POST", "/api/generate", body))
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += client.recv(4096)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0
+        err = process.stderr.read()
+        assert "generate: stopped (Ctrl-C) after" in err and "terminate" not in err and "Traceback" not in err, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
 
 
 def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
