@@ -647,7 +647,12 @@ def open_files_for(max_connections):
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log_lock = threading.Lock()
+
+    def log(message):
+        with log_lock:  # requests log from threads of their own: print writes the line and its end apart
+            print(message, file=sys.stderr, flush=True)
+
     try:
         (config,), _ = parse(argv, [ServeConfig()], "serve.py [--key=value ...]", config_file=False)
         playground = Playground(config, log)
