@@ -92,13 +92,13 @@ def check_stream(body):
 def check_log(server, capfd):
     """Short lines in the log, none for a bug (a 500, an exception that escaped a request's
     thread, a stream's error), and nothing at all on stderr."""
-    err = capfd.readouterr().err
+    err, lines = capfd.readouterr().err, server.log[:]
+    server.log.clear()  # the next check reads the next lines alone
     assert "Traceback" not in err and "Exception" not in err, err
-    for line in server.log:
+    for line in lines:
         assert "\n" not in line and len(line) < 600, line
         assert " 500 " not in line and not line.startswith("127.0.0.1: "), line
         assert not line.startswith("generate: ") or " characters in " in line, line
-    server.log.clear()  # the next check reads the next test's lines
     assert server.playground.slots._value == server.playground.config.max_generations  # every generation gave its slot back
 
 
@@ -191,7 +191,8 @@ def test_fuzzed_request_lines_get_a_json_answer(server, capfd, method, path, ver
 
 @pytest.mark.parametrize(
     "length, status",
-    [(b"-1", 400), (b"1e3", 400), (b"+16", 400), (b"0x10", 400), (b"1_6", 400), ("٣".encode(), 400), ("²".encode(), 400),
+    # headers arrive as Latin-1: b"\xb2" is "²", which str.isdigit takes and int() does not
+    [(b"-1", 400), (b"1e3", 400), (b"+16", 400), (b"0x10", 400), (b"1_6", 400), ("٣".encode(), 400), (b"\xb2", 400), (b"1\xb9", 400),
      (b"", 400), (b" 16 ", 200), (b"0" * 30 + b"16", 200), pytest.param(b"9" * 5000, 413, id="5000 digits"),
      (b"99999999999999999999", 413)],
 )
