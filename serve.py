@@ -61,7 +61,7 @@ from train import resolve_device
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "playground.html")
 MAX_BODY_BYTES = 1 << 20  # a request body, before it is even parsed
 TOP = 5  # next-character guesses shown per position
-STREAM_SEND_BUFFER = 64 * 1024  # bytes; a character's event is about 20
+STREAM_SEND_BUFFER = 64 * 1024  # bytes: a stream's send buffer (a character's event is about 20), a reply's pieces
 RETRY_AFTER = "1"  # seconds a 503 asks a client to wait: a stream ends, or a connection closes, that often
 # the Host header of a request to a loopback address: its name or address, and any port (ASCII
 # only: with re.IGNORECASE alone, the Kelvin sign would match a "k")
@@ -344,7 +344,14 @@ class Handler(BaseHTTPRequestHandler):
             self.send_header(name, value)
         self.end_headers()
         if self.command != "HEAD":  # a HEAD request's answer has the headers alone
-            self.wfile.write(body)
+            self.write_body(body)
+
+    def write_body(self, body):
+        # in pieces: the socket's timeout bounds a whole sendall, and an attention map of a few
+        # MB to a slow link would be cut off after --timeout seconds; a piece at a time, it is
+        # cut off only when the client takes longer than that for 64 KB
+        for start in range(0, len(body), STREAM_SEND_BUFFER):
+            self.wfile.write(body[start : start + STREAM_SEND_BUFFER])
 
     def send_error_json(self, error):
         """The one line of JSON for error, and one line in the log; no more than the log line if
@@ -457,7 +464,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        self.wfile.write(body)
+        self.write_body(body)
 
     def get_info(self):
         self.send_json(200, self.server.playground.info)

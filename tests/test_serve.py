@@ -375,6 +375,20 @@ def test_a_slow_client_is_answered_408_by_the_timeout_while_others_are_served(tr
         assert read_reply(trickle)[0] == 408
 
 
+def test_a_long_answer_to_a_client_that_reads_steadily_outlasts_the_timeout(trained):
+    """--timeout bounds a client that reads nothing, not a long answer: 8 MB (an attention map of a
+    big model) read at a few MB/s takes longer than the 0.5 s here, and arrives whole."""
+    with running(trained, timeout=0.5) as server:
+        server.playground.info["padding"] = "x" * 8_000_000
+        client = send_raw(server, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", receive_buffer=65536)
+        reply = bytearray()
+        with client:
+            while chunk := client.recv(65536):
+                reply += chunk
+                time.sleep(0.02)  # at most 3 MB/s: what the kernel's buffers do not hold takes seconds
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["padding"] == "x" * 8_000_000
+
+
 def test_connections_beyond_max_connections_get_503_at_once_and_a_slot_frees_when_one_leaves(trained):
     with running(trained, max_connections=2, timeout=60) as server:
         # two clients that never finish their request hold both threads
