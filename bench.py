@@ -8,32 +8,45 @@
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
     python bench.py memory --out_dir=out-cpu             # chargpt/memory.py's estimate against the measured peak (Linux)
     python bench.py health config/shakespeare_char_cpu.py   # what health steps cost at --health_interval (chargpt/health.py)
+    python bench.py gpu                                  # the GPU check: the GPU tests, stage 8 and the GPU recipe
+                                                         # trained, sampling speed; one line where there is no GPU
 
 Extra --key=value flags after a config file override it, as in train.py. Timings on a busy
 or small machine are noisy: compare the figures of one run with each other.
+
+The GPU check, `python bench.py gpu`, is one command for a machine with a CUDA GPU that
+gives every figure in one run, in under 8 minutes: the GPU and the dtype --dtype=auto takes
+there, the tests marked gpu (pytest -m gpu), the lecture's stage 8 and
+config/shakespeare_char_gpu.py trained for real into out-bench-gpu/ (stage 8 with a time
+budget of --lecture_minutes as a cap; each run's whole log beside it): when each first
+reached the lecture's 1.48, its last val loss, tokens/s and the fraction of the GPU's peak
+FLOP/s, then the characters per second of generation from stage 8's model. The figures end
+as a table for docs/results.md. Without a GPU it says so in one line and exits with 1.
 """
 
 import argparse
 import dataclasses
 import os
 import re
+import signal
 import statistics
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 
 import torch
 
-from chargpt import memory
+from chargpt import machine, memory
 from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
 from chargpt.health import Health, draw_health
-from chargpt.machine import autocast_context, keep_freed_memory, resolve_device, resolve_dtype
+from chargpt.machine import autocast_context, cpu_has_bf16_units, keep_freed_memory, resolve_device, resolve_dtype
 from chargpt.metrics import Reporter
-from chargpt.optim import make_optimizer, train_step
+from chargpt.optim import LossScaler, make_optimizer, train_step
 from model import GPT, Dropout, GPTConfig, build_model
 
 ROOT = os.path.dirname(os.path.abspath(__file__))
@@ -75,21 +88,21 @@ def time_steps(config, model_config, iters, warmup, reference=False):
                 if isinstance(child, Dropout):
                     setattr(module, name, torch.nn.Dropout(child.p))
     model.train()
-    dtype = (
-        "float32" if reference else resolve_dtype(config.dtype, device_type, model, (config.batch_size, model_config.block_size))
-    )
+    shape = (config.batch_size, model_config.block_size)
+    dtype = "float32" if reference else machine.training_dtype(config.dtype, device, model, shape, machine.Distributed())
     ctx = autocast_context(device_type, dtype)
+    scaler = LossScaler(device_type) if dtype == "float16" else None
     optimizer = make_optimizer(model, config, device_type, fused=not reference)
     step_model = model if reference or not config.compile else torch.compile(model)
     batches = RandomBatches(65, model_config.block_size, config.batch_size)
     t0 = time.perf_counter()
     for _ in range(warmup):  # the first steps compile and warm the allocator
-        train_step(step_model, optimizer, batches, config, ctx, device)
+        train_step(step_model, optimizer, batches, config, ctx, device, scaler=scaler)
     sync(device)
     compile_s = time.perf_counter() - t0 if config.compile and not reference else 0.0
     t0 = time.perf_counter()
     for _ in range(iters):
-        loss = train_step(step_model, optimizer, batches, config, ctx, device)
+        loss = train_step(step_model, optimizer, batches, config, ctx, device, scaler=scaler)
     loss.item()
     sync(device)
     return (time.perf_counter() - t0) / iters * 1000, compile_s, dtype, model
@@ -131,6 +144,32 @@ def bench_train(args, overrides):
     if muon:
         speedup += f" with Muon's extra work per step, {ref_ms / adamw_ms:.2f}x with AdamW"
     print(speedup + (f"; compile and warm-up took {compile_s:.1f}s" if compile_s else ""))
+    if config.dtype == "auto":
+        check_dtype_auto(config, model_config, args, dtype)
+
+
+def check_dtype_auto(config, model_config, args, picked):
+    """--dtype=auto against each explicit dtype this machine has, in rounds that take turns:
+    auto's pick should be within 10% of the fastest."""
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    if device_type == "cuda":
+        dtypes = ["float32", "float16"] + (["bfloat16"] if machine.gpu_has_bf16(device) else [])
+    else:
+        dtypes = ["float32"] + (["bfloat16"] if device_type == "cpu" and cpu_has_bf16_units() else [])
+    if len(dtypes) == 1:
+        print(f"--dtype=auto: float32, the only dtype this {device_type} trains in at full speed")
+        return
+    ms = {dtype: [] for dtype in dtypes}
+    for _ in range(3):
+        for dtype in dtypes:
+            step = time_steps(dataclasses.replace(config, dtype=dtype), model_config, args.iters, args.warmup)[0]
+            ms[dtype].append(step)
+    best = min(dtypes, key=lambda d: min(ms[d]))
+    rows = ", ".join(f"{d} {min(ms[d]):,.0f} ms" for d in dtypes)
+    ok = min(ms[picked]) <= 1.1 * min(ms[best])
+    verdict = "within 10% of the fastest, as it should be" if ok else "MORE THAN 10% SLOWER THAN THE FASTEST"
+    print(f"--dtype=auto picked {picked}; explicit dtypes, best of 3 interleaved rounds: {rows}: {verdict}")
 
 
 class HealthSteps:
@@ -228,6 +267,57 @@ def bench_sizes(args, overrides):
 LOSS_OUT_DIR = "out-bench"
 
 
+@dataclasses.dataclass
+class TrainedRun:
+    """What watch_train read from a train.py command's output."""
+
+    wall: float = 0.0  # seconds of the whole command
+    evals: list = dataclasses.field(default_factory=list)  # (seconds since the start, step, val loss)
+    rates: list = dataclasses.field(default_factory=list)  # (tokens/s, TFLOP/s) of each logged line
+    steps: int = None
+    best: float = None
+    stopped: bool = False  # by stop_after
+
+    def first_at(self, target):
+        """(seconds, step) of the first eval with a val loss <= target, or None."""
+        return next(((t, step) for t, step, val in self.evals if val <= target), None)
+
+
+def watch_train(command, echo=lambda line: True, stop_after=None, log_path=None):
+    """Run a train.py command to its end, or SIGTERM it after stop_after seconds (it saves
+    and stops at the step it is on); its lines go to stdout where echo(line) says so, and all
+    of them to log_path. A failed command is a ValueError with train.py's own one-line error."""
+    run, tail, t_start = TrainedRun(), [], time.time()
+    log = open(log_path, "w", encoding="utf-8") if log_path else None
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+        timer = threading.Timer(stop_after, proc.send_signal, [signal.SIGTERM]) if stop_after else None
+        if timer:
+            timer.start()
+        for line in proc.stdout:
+            if echo(line):
+                print(line, end="", flush=True)
+            if log:
+                log.write(line)
+            tail = (tail + [line])[-5:]
+            if found := re.match(r"step (\d+): train loss \S+, val loss (\d+\.\d+)", line):
+                run.evals.append((time.time() - t_start, int(found[1]), float(found[2])))
+            if found := re.search(r"([\d,]+) tokens/s, (\d+\.\d+) TFLOP/s", line):
+                run.rates.append((float(found[1].replace(",", "")), float(found[2])))
+            if done := re.match(r"done: .*?([\d,]+) steps in .*best val loss (\d+\.\d+)", line):
+                run.steps, run.best = int(done[1].replace(",", "")), float(done[2])
+            if stop := re.match(r"SIGTERM: saved .* at step (\d+)", line):
+                run.steps, run.stopped = int(stop[1]), True
+    if timer:
+        timer.cancel()
+    if log:
+        log.close()
+    run.wall = time.time() - t_start
+    if proc.returncode != 0 and not run.stopped:
+        # train.py's own one-line error says what went wrong
+        raise ValueError(tail[-1].strip().removeprefix("train.py: error: ") if tail else f"{' '.join(command)} failed")
+    return run
+
+
 def bench_loss(args, overrides):
     """Train the recipe for real (python train.py, as a user would) and report when the val
     loss first reached the target."""
@@ -242,22 +332,9 @@ def bench_loss(args, overrides):
         *scratch,
         *overrides,
     ]
-    t_start = time.time()
-    reached, best, steps, tail = None, None, None, []
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
-        for line in proc.stdout:
-            print(line, end="", flush=True)
-            tail = (tail + [line])[-5:]
-            found = re.match(r"step (\d+): train loss \S+, val loss (\d+\.\d+)", line)
-            if found and float(found[2]) <= args.target and reached is None:
-                reached = (time.time() - t_start, int(found[1]))
-            done = re.match(r"done: .*?([\d,]+) steps in .*best val loss (\d+\.\d+)", line)
-            if done:
-                steps, best = int(done[1].replace(",", "")), float(done[2])
-    if proc.returncode != 0:
-        # train.py's own one-line error says what went wrong
-        raise ValueError(tail[-1].strip().removeprefix("train.py: error: ") if tail else f"{' '.join(command)} failed")
-    print(f"best val loss {best:.4f}, {steps} steps, {time.time() - t_start:.1f}s wall time in all (the whole command)")
+    run = watch_train(command)
+    print(f"best val loss {run.best:.4f}, {run.steps} steps, {run.wall:.1f}s wall time in all (the whole command)")
+    reached = run.first_at(args.target)
     if reached:
         print(f"val loss <= {args.target} first at step {reached[1]}, {reached[0]:.1f}s after the start")
     else:
@@ -287,12 +364,7 @@ def bench_sample(args, overrides):
     )
 
     def seconds(n, kv_cache, batch=1, dtype=auto[1]):
-        idx = torch.zeros(batch, 1, dtype=torch.long)
-        generator = torch.Generator().manual_seed(0)
-        t0 = time.perf_counter()
-        for _ in generate(model, idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=DECODE_DTYPES[dtype]):
-            pass
-        return time.perf_counter() - t0
+        return generation_seconds(model, n, kv_cache, batch, dtype)
 
     seconds(20, True)  # warm up
     n = args.new_tokens
@@ -315,7 +387,8 @@ def bench_sample(args, overrides):
         rate, best_rate = max(rates[auto[batch], batch]), max(rates[best, batch])
         print(
             f"{what}: {'auto' if args.decode_dtype == 'auto' else '--decode_dtype'}'s pick {auto[batch]} runs at "
-            f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f})"
+            f"{rate:,.0f} chars/s, {rate / best_rate:.0%} of the best row ({best}, {best_rate:,.0f}): "
+            + ("within 10% of the best, as it should be" if rate >= 0.9 * best_rate else "MORE THAN 10% BELOW THE BEST")
         )
     if args.repeats > 1:
         print(f"(a row's passes differ by up to {spread:.0%}: that much is noise)")
@@ -323,6 +396,19 @@ def bench_sample(args, overrides):
     print(f"| new characters | KV cache ({auto[1]}) s | uncached s |\n|---|---|---|")
     for m in lengths:
         print(f"| {m} | {seconds(m, True):.2f} | {seconds(m, False):.2f} |")
+
+
+def generation_seconds(model, n, kv_cache, batch=1, dtype="float32"):
+    """Seconds to generate n new characters for each of batch sequences from one character
+    each, as sample.py does (decode steps in dtype, every draw on the CPU)."""
+    device = next(model.parameters()).device
+    idx = torch.zeros(batch, 1, dtype=torch.long, device=device)
+    generator = torch.Generator().manual_seed(0)
+    t0 = time.perf_counter()
+    for _ in generate(model, idx, n, generator=generator, kv_cache=kv_cache, decode_dtype=DECODE_DTYPES[dtype]):
+        pass
+    sync(str(device))
+    return time.perf_counter() - t0
 
 
 # what train.py and sample.py have resident when they check the memory: Python, PyTorch and
@@ -456,6 +542,161 @@ def bench_memory(args, overrides):
             print(row(flags, sample_estimate(args.out_dir, flags), measured), flush=True)
 
 
+# -----------------------------------------------------------------------------
+# python bench.py gpu: the prepared check of the GPU path, every figure in one run
+
+GPU_OUT_DIR = "out-bench-gpu"
+LECTURE = "config/lecture/8_dropout_scaled.py"
+GPU_RECIPE = "config/shakespeare_char_gpu.py"
+TARGET = 1.48  # the lecture's val loss
+TESTS_SECONDS = 150  # caps that keep the whole check within 8 minutes (a run that overruns its budget is stopped)
+RECIPE_SECONDS = 90
+# dense 16-bit tensor-core peaks in TFLOP/s (no sparsity), from NVIDIA's datasheets, by a
+# part of torch.cuda.get_device_name(); the first match counts, so longer names come first
+PEAK_TFLOPS = (
+    ("H100 PCIe", 756),
+    ("H100 NVL", 835),
+    ("H200 NVL", 835),
+    ("H100", 989),
+    ("H200", 989),
+    ("A100", 312),
+    ("A10G", None),  # AWS's variant of the A10: no datasheet figure
+    ("A10", 125),
+    ("L40S", 362),
+    ("L40", 181),
+    ("L4", 121),
+    ("RTX 4090", 165),
+    ("V100-PCIE", 112),
+    ("V100", 125),
+    ("T4", 65),
+)
+
+
+def peak_tflops(name):
+    """The GPU's dense float16/bfloat16 tensor-core peak in TFLOP/s, or None when unknown."""
+    return next((peak for part, peak in PEAK_TFLOPS if part in name), None)
+
+
+def no_gpu_reason():
+    """Why there is no CUDA GPU here, or None when there is one."""
+    if torch.cuda.is_available():
+        return None
+    if torch.version.cuda is None:
+        return f"PyTorch {torch.__version__} is built without CUDA"
+    return f"PyTorch {torch.__version__}, built for CUDA {torch.version.cuda}, sees no CUDA device"
+
+
+def bench_gpu(args, overrides):
+    """The GPU check: the device and its dtype, the GPU tests, the lecture's stage 8 and the
+    GPU recipe trained for real, generation's speed; the figures as a table at the end."""
+    if overrides:
+        raise ValueError(f"bench.py gpu takes no train.py flags, got {' '.join(overrides)}")
+    why = no_gpu_reason()
+    if why:
+        raise ValueError(f"no CUDA GPU here: {why}; the GPU check needs one (the GPU path is tested on the CPU only)")
+    t_start = time.time()
+    name, capability = machine.gpu()
+    dtype, reason = machine.cuda_dtype(capability)
+    peak = args.peak_tflops or peak_tflops(name)
+    memory_gib = torch.cuda.get_device_properties(0).total_memory / 2**30
+    rows = [("GPU", f"{machine.describe_gpu()}, {memory_gib:.0f} GiB; torch {torch.__version__}, CUDA {torch.version.cuda}")]
+    rows.append(("--dtype=auto", f"{dtype}: {reason}"))
+    rows.append(("peak 16-bit tensor FLOP/s (datasheet, dense)", f"{peak} TFLOP/s" if peak else "unknown (--peak_tflops)"))
+    for what, figure in rows:
+        print(f"{what}: {figure}", flush=True)
+    tests_ok, tests = gpu_tests()
+    rows.append(("GPU tests (pytest -m gpu)", tests))
+    failed = [] if tests_ok else ["the GPU tests"]
+    os.makedirs(GPU_OUT_DIR, exist_ok=True)
+    ensure_dataset()
+    lecture_dir, recipe_dir = os.path.join(GPU_OUT_DIR, "lecture8"), os.path.join(GPU_OUT_DIR, "recipe")
+    # stage 8's learning rate is constant, so a time budget only caps it: where it ends, not how it learns
+    lecture = [LECTURE, f"--out_dir={lecture_dir}", f"--time_budget={args.lecture_minutes:g}"]
+    parts = (
+        ("stage 8", lambda: train_figures("stage 8", lecture, args.lecture_minutes * 60 + 60, peak)),
+        ("GPU recipe", lambda: train_figures("GPU recipe", [GPU_RECIPE, f"--out_dir={recipe_dir}"], RECIPE_SECONDS, peak)),
+        ("sampling", lambda: sampling_figures(lecture_dir, "cuda")),
+    )
+    for label, part in parts:  # one that fails is a row, and the others still run
+        try:
+            rows += part()
+        except (ValueError, OSError) as e:
+            rows.append((label, f"failed: {e}"))
+            failed.append(label)
+    rows.append(("the whole check", f"{time.time() - t_start:.0f} s"))
+    print("\n| what | figure |\n|---|---|")
+    for what, figure in rows:
+        print(f"| {what} | {figure} |")
+    if failed:
+        raise ValueError(f"the GPU check failed: {', '.join(failed)} (see above)")
+
+
+def gpu_tests():
+    """(passed?, pytest's summary) of the tests marked gpu, run here in a fresh process."""
+    command = [sys.executable, "-m", "pytest", "-q", "-m", "gpu", "-p", "no:cacheprovider", os.path.join(ROOT, "tests")]
+    print(f"$ {' '.join(command[1:])}", flush=True)
+    try:
+        result = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=TESTS_SECONDS)
+    except subprocess.TimeoutExpired:
+        return False, f"not done in {TESTS_SECONDS} s"
+    lines = (result.stdout + result.stderr).strip().splitlines()
+    print("\n".join(lines[-40:] if result.returncode else lines[-1:]), flush=True)
+    return result.returncode == 0, lines[-1].strip("= ") if lines else f"pytest exited with {result.returncode}"
+
+
+def ensure_dataset():
+    """data/shakespeare_char prepared, by prepare.py if it is not (which downloads, or reads input.txt there)."""
+    if not os.path.isfile(os.path.join(ROOT, "data", "shakespeare_char", "train.bin")):
+        result = subprocess.run([sys.executable, "prepare.py"], cwd=ROOT, capture_output=True, text=True)
+        if result.returncode != 0:
+            raise ValueError(f"python prepare.py failed: {result.stderr.strip().splitlines()[-1]}")
+
+
+def train_figures(label, flags, stop_after, peak):
+    """[(what, figure)] of a train.py run with flags, SIGTERMed after stop_after seconds:
+    when it first reached TARGET, its last val loss and eval.py's over the whole val split,
+    its wall time, tokens/s and the fraction of the GPU's peak FLOP/s it ran at."""
+    out_dir = next(flag.split("=", 1)[1] for flag in flags if flag.startswith("--out_dir="))
+    command = [sys.executable, os.path.join(ROOT, "train.py"), *flags, "--overwrite=True"]
+    print(f"$ {' '.join(command[1:])}", flush=True)
+    keep = ("step ", "device ", "dtype ", "done:", "float16:", "SIGTERM", "compiled", "time budget")
+    run = watch_train(command, lambda line: line.startswith(keep), stop_after, f"{out_dir}.log")
+    reached = run.first_at(TARGET)
+    steps = f"{run.steps:,} steps" + (f", stopped by the check at {stop_after:.0f} s" if run.stopped else "")
+    rows = [
+        (f"{label}: val <= {TARGET} first", f"step {reached[1]:,}, {reached[0]:.0f} s" if reached else "not reached"),
+        (f"{label}: last val (train.py's estimate / eval.py, whole val split)", f"{run.evals[-1][2]:.4f} / {whole_val(out_dir)}"),
+        (f"{label}: the whole command", f"{run.wall:.1f} s, {steps}"),
+    ]
+    if run.rates:
+        rates = run.rates[1:] or run.rates  # the first line counts the warm-up steps
+        tokens, tflops = statistics.median(r[0] for r in rates), statistics.median(r[1] for r in rates)
+        of_peak = f", {tflops / peak:.1%} of {peak} TFLOP/s" if peak else ""
+        rows.append((f"{label}: speed (median of the logged lines)", f"{tokens:,.0f} tokens/s, {tflops:.1f} TFLOP/s{of_peak}"))
+    return rows
+
+
+def whole_val(out_dir):
+    """eval.py's val loss of out_dir's best checkpoint, as text."""
+    result = subprocess.run([sys.executable, "eval.py", f"--out_dir={out_dir}"], cwd=ROOT, capture_output=True, text=True)
+    found = re.search(r"val loss (\d+\.\d+)", result.stdout)
+    return found[1] if found else f"eval.py failed: {(result.stderr.strip().splitlines() or ['?'])[-1]}"
+
+
+def sampling_figures(out_dir, device, n=1000):
+    """[(what, figure)]: characters per second generating from out_dir's checkpoint as sample.py does."""
+    model, _ = model_from_checkpoint(load_checkpoint(find_checkpoint(out_dir)), device)
+    generation_seconds(model, 20, True)  # warm-up
+    rows = []
+    for batch in (1, 10):
+        dtype = pick_decode_dtype(model, batch, n, use_cache=False)[0]
+        rate = batch * n / generation_seconds(model, n, True, batch, dtype)
+        rows.append((f"sampling, {batch} x {n} characters, KV cache ({dtype} decode)", f"{rate:,.0f} chars/s"))
+    rate = n / generation_seconds(model, n, False)
+    rows.append((f"sampling, 1 x {n} characters, uncached (the lecture's loop)", f"{rate:,.0f} chars/s"))
+    return rows
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -494,16 +735,15 @@ def main():
         choices=["auto", "float32", "float16", "bfloat16", "int8"],
         help="sample.py's --decode_dtype: the pick compared with the rows, and the dtype of the lengths table",
     )
+    p = sub.add_parser("gpu", help="the prepared check of the GPU path: every figure in one run (under 8 minutes)")
+    p.add_argument(
+        "--lecture_minutes", type=float, default=3.0, help="stage 8's time budget: a cap, should its 5,000 steps take longer"
+    )
+    p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's 16-bit peak, where bench.py does not know it")
     args, overrides = parser.parse_known_args()
     try:
-        commands = {
-            "train": bench_train,
-            "sizes": bench_sizes,
-            "loss": bench_loss,
-            "sample": bench_sample,
-            "memory": bench_memory,
-        }
-        commands["health"] = bench_health
+        commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}
+        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

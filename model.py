@@ -292,7 +292,8 @@ class LanguageModel(nn.Module):
             logits, _ = self(idx_cond)  # (B, T, vocab_size)
             logits = logits[:, -1, :]  # (B, vocab_size): the prediction after the last token
             probs = F.softmax(logits, dim=-1)  # (B, vocab_size)
-            idx_next = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1)
+            # drawn on the CPU, as chargpt/engine.py draws: MPS's multinomial has drawn wrong samples (pytorch#92752)
+            idx_next = torch.multinomial(probs.cpu(), num_samples=1, generator=generator).to(idx.device)  # (B, 1)
             idx = torch.cat((idx, idx_next), dim=1)  # (B, T+1)
         return idx
 

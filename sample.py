@@ -38,29 +38,44 @@ from chargpt.memory import check_sampling_memory
 
 
 def draw_attention(maps, chars, path):
-    """Save maps (n_layer, n_head, T, T) as a grid of heatmaps whose ticks are the characters."""
+    """Save maps (n_layer, n_head, T, T) as a grid of heatmaps whose ticks are the characters.
+
+    Every character is labelled up to LABELLED_CHARS (the heatmaps grow to fit them); a
+    longer prompt labels every k-th and says so in the title. Above the diagonal (what a
+    character may not look at) stays blank, not the colour of weight 0."""
+    import numpy as np
     from matplotlib.figure import Figure  # the object API: no GUI backend needed
 
     n_layer, n_head, T, _ = maps.shape
     labels = [{"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch) for ch in chars]
-    size = min(6.0, max(2.5, 0.15 * T + 1))  # inches per heatmap
-    step = max(1, math.ceil(T / (size * 7)))  # a label for every character while they fit
+    size = max(2.5, min(T, LABELLED_CHARS) / LABELS_PER_INCH + 0.8)  # inches per heatmap
+    step = max(1, math.ceil(T / LABELLED_CHARS))
     ticks = list(range(0, T, step))
+    future = np.triu(np.ones((T, T), dtype=bool), k=1)  # (T, T): the masked upper triangle
     fig = Figure(figsize=(n_head * size + 1.5, n_layer * size + 0.8), layout="constrained")
     axes = fig.subplots(n_layer, n_head, squeeze=False)
     for layer in range(n_layer):
         for head in range(n_head):
             ax = axes[layer][head]
-            image = ax.imshow(maps[layer, head].float().cpu().numpy(), cmap="viridis", vmin=0.0, vmax=1.0)
-            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=7)
+            weights = np.ma.masked_array(maps[layer, head].float().cpu().numpy(), mask=future)  # (T, T)
+            image = ax.imshow(weights, cmap="viridis", vmin=0.0, vmax=1.0)
+            ax.set_facecolor("white")  # what the mask leaves out
+            ax.set_xticks(ticks, [labels[i] for i in ticks], fontsize=7, rotation=90 if step > 1 else 0)
             ax.set_yticks(ticks, [labels[i] for i in ticks], fontsize=7)
             ax.set_title(f"layer {layer}, head {head}", fontsize=9)
     fig.supxlabel("attended to (key)")
     fig.supylabel("attending (query)")
+    if step > 1:
+        fig.suptitle(f"{T} characters, one label every {step}", fontsize=9)
     fig.colorbar(image, ax=axes, shrink=0.6, label="attention weight")
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")  # a character missing from the font is drawn as a box, no need to say so
         fig.savefig(path, dpi=100)
+    return fig
+
+
+LABELLED_CHARS = 96  # characters labelled one by one; a longer prompt labels every k-th
+LABELS_PER_INCH = 9  # at fontsize 7
 
 
 def main(argv=None):

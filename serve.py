@@ -24,19 +24,31 @@ Built on the standard library's ThreadingHTTPServer: nothing to install beyond r
 no_grad), and each generation has its own torch.Generator and KV cache, so clients need no lock
 and each gets its own stream. A client that goes away mid-stream ends its generation at the
 next character written.
+
+Limits, so that a few clients cannot stop it for everyone (each one a flag):
+    --timeout            seconds a client has to send its whole request, and that a reply waits on
+                         a client that does not read; then its connection is closed
+    --max_connections    connections served at once (a thread and an open file each); beyond it
+                         a client gets 503 and Retry-After at once
+    --max_generations    generations streamed at once; beyond it /api/generate answers 503 and Retry-After
+Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN, not socketserver's 5.
 """
 
+import errno
+import io
 import ipaddress
 import json
 import math
 import os
+import re
 import socket
 import sys
 import threading
 import time
+import traceback
 from dataclasses import dataclass
+from http import HTTPStatus
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from urllib.parse import urlsplit
 
 import torch
 
@@ -49,6 +61,11 @@ from chargpt.metrics import read_records
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chargpt", "playground.html")
 MAX_BODY_BYTES = 1 << 20  # a request body, before it is even parsed
 TOP = 5  # next-character guesses shown per position
+STREAM_SEND_BUFFER = 64 * 1024  # bytes: a stream's send buffer (a character's event is about 20), a reply's pieces
+RETRY_AFTER = "1"  # seconds a 503 asks a client to wait: a stream ends, or a connection closes, that often
+# the Host header of a request to a loopback address: its name or address, and any port (ASCII
+# only: with re.IGNORECASE alone, the Kelvin sign would match a "k")
+LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE | re.ASCII)
 
 
 @dataclass
@@ -61,22 +78,49 @@ class ServeConfig:
     decode_dtype: str = knob("auto", "weights of the decode steps, as in sample.py: auto, float32, float16, bfloat16 or int8")
     max_new_tokens_limit: int = knob(5000, "the most characters one request may ask to generate")
     max_chars: int = knob(10000, "the longest prompt or text one request may send, in characters")
+    timeout: float = knob(
+        10.0, "seconds a client has to send its whole request, and that a reply waits on a client that does not read"
+    )
+    max_connections: int = knob(
+        128, "connections served at once, a thread and an open file each; beyond it a client gets 503 at once"
+    )
+    max_generations: int = knob(
+        4, "generations streamed at once, each busy on the CPU or GPU; beyond it /api/generate answers 503"
+    )
 
     def validate(self):
         if not 0 <= self.port <= 65535:
             raise ValueError(f"--port must be in 0..65535, got {self.port}")
         check_choice("decode_dtype", self.decode_dtype, ("auto", *DECODE_DTYPE_NAMES))
-        for key in ("max_new_tokens_limit", "max_chars"):
+        if not 0 < self.timeout < math.inf:
+            raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        for key in ("max_new_tokens_limit", "max_chars", "max_connections", "max_generations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
 
 
 class RequestError(Exception):
-    """A request the server refuses: the HTTP status and a one-line message naming the field."""
+    """A request the server refuses: the HTTP status, a one-line message naming the field, and
+    any headers the answer needs (Retry-After, Allow)."""
 
-    def __init__(self, status, field, message):
+    def __init__(self, status, field, message, headers=()):
         super().__init__(f"{field}: {message}")
-        self.status, self.field = status, field
+        self.status, self.field, self.headers = status, field, headers
+
+
+def shown(text, limit=80):
+    """A client's text as a message or the log can quote it: on one line (newlines, control
+    characters and lone surrogates escaped as repr does) and at most limit characters."""
+    cut = text[:limit]
+    return (cut if cut.isprintable() else repr(cut)[1:-1]) + ("..." if len(text) > limit else "")
+
+
+def described(value):
+    """A JSON value, short, for a message: a list or object is named, not printed (printing
+    one nested a thousand deep would fail where parsing it did not)."""
+    if isinstance(value, (list, dict)):
+        return "a list" if isinstance(value, list) else "an object"
+    return shown(json.dumps(value, ensure_ascii=False), 40)
 
 
 # what each endpoint accepts: field -> (type, default); defaults are sample.py's
@@ -99,7 +143,7 @@ def read_fields(body, fields):
         raise RequestError(400, "body", f"expected a JSON object with the fields {', '.join(fields)}")
     for key in body:
         if key not in fields:
-            raise RequestError(400, key, f"unknown field (expected {', '.join(fields)})")
+            raise RequestError(400, shown(key), f"unknown field (expected {', '.join(fields)})")
     values = {}
     for key, (typ, default) in fields.items():
         value = body.get(key, default)
@@ -108,7 +152,7 @@ def read_fields(body, fields):
         if typ is float and type(value) is int:  # an integer is fine where a number is expected
             value = float(value) if abs(value) < 1e300 else math.inf  # 1e400 written out is still no temperature
         if type(value) is not typ:  # bool is not an int here: true is no seed
-            raise RequestError(400, key, f"expected {TYPE_NAMES[typ]}, got {json.dumps(value)[:40]}")
+            raise RequestError(400, key, f"expected {TYPE_NAMES[typ]}, got {described(value)}")
         if typ is float and not math.isfinite(value):
             raise RequestError(400, key, f"expected a finite number, got {value}")
         values[key] = value
@@ -143,7 +187,13 @@ class Playground:
             "device": str(self.device),
             "decode_dtype": str(resolve_decode_dtype(config.decode_dtype, self.model)).removeprefix("torch."),
             "kv_cache": config.kv_cache,
-            "limits": {"max_new_tokens": config.max_new_tokens_limit, "max_chars": config.max_chars},
+            "limits": {
+                "max_new_tokens": config.max_new_tokens_limit,
+                "max_chars": config.max_chars,
+                "max_generations": config.max_generations,
+                "max_connections": config.max_connections,
+                "timeout": config.timeout,
+            },
             "defaults": {key: default for key, (_, default) in GENERATE_FIELDS.items()},
         }
         if self.info["best_val_loss"] is not None and not math.isfinite(self.info["best_val_loss"]):
@@ -152,7 +202,9 @@ class Playground:
         # what the generations did, for the log and the tests; guarded because requests run in threads
         self.lock = threading.Lock()
         self.running = 0
+        self.slots = threading.BoundedSemaphore(config.max_generations)  # one per generation streaming now
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
+        self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
 
     # -- the endpoints' work, free of HTTP
 
@@ -242,28 +294,111 @@ class Playground:
             self.running -= 1
             self.finished.append((generated, asked, left))
 
+    def stop(self, seconds=10.0):
+        """End each generation at its next character, and wait (up to seconds) until they have:
+        Python exiting while a thread is still inside PyTorch aborts the process ("terminate
+        called without an active exception")."""
+        self.stopping.set()
+        deadline = time.monotonic() + seconds
+        while self.running and time.monotonic() < deadline:
+            time.sleep(0.01)
+
+
+class RequestReader(io.RawIOBase):
+    """A connection's bytes, all due by one deadline: a client that sends its request a byte at
+    a time cannot hold a thread longer than one that sends nothing (a socket's own timeout
+    starts afresh at every byte). Writes keep the plain timeout."""
+
+    def __init__(self, sock, seconds):
+        self.sock, self.seconds, self.deadline = sock, seconds, time.monotonic() + seconds
+
+    def readable(self):
+        return True
+
+    def readinto(self, buffer):
+        left = self.deadline - time.monotonic()
+        if left <= 0:
+            raise TimeoutError("timed out")
+        self.sock.settimeout(left)
+        try:
+            return self.sock.recv_into(buffer)
+        finally:
+            self.sock.settimeout(self.seconds)
+
+
+# what each path answers to: method -> the Handler method that answers
+ROUTES = {
+    "/": {"GET": "get_page"},
+    "/api/info": {"GET": "get_info"},
+    "/api/metrics": {"GET": "get_metrics"},
+    "/api/generate": {"POST": "post_generate"},
+    "/api/attention": {"POST": "post_attention"},
+}
+
 
 class Handler(BaseHTTPRequestHandler):
     server_version = "chargpt-serve"
+    # a request line without a version ("GET /") is answered as HTTP/1.0 would be: HTTP/0.9's
+    # answer is the body alone, with no status line a client could read the error from
+    default_request_version = "HTTP/1.0"
+
+    def setup(self):
+        self.timeout = self.server.playground.config.timeout  # the socket's, so every write waits at most this
+        super().setup()
+        self.rfile.close()
+        self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout))
+        # what an answer needs before the request line is parsed (a client that times out in it)
+        self.command, self.path, self.request_version, self.requestline = None, "", "HTTP/1.0", ""
+        self.answered = False  # once a status line is out, an error can only end the connection
 
     # -- replies
 
+    def send_response(self, code, message=None):
+        self.answered = True
+        super().send_response(code, message)
+
     def send_json(self, status, payload, headers=()):
-        body = json.dumps(payload, ensure_ascii=False).encode()
+        try:
+            body = json.dumps(payload, ensure_ascii=False).encode()
+        except UnicodeEncodeError:  # a lone surrogate sent as "\ud800" and quoted back: escaped, it is still JSON
+            body = json.dumps(payload).encode()
         self.send_response(status)
         self.send_header("Content-Type", "application/json; charset=utf-8")
         self.send_header("Content-Length", str(len(body)))
         for name, value in headers:
             self.send_header(name, value)
         self.end_headers()
-        self.wfile.write(body)
+        if self.command != "HEAD":  # a HEAD request's answer has the headers alone
+            self.write_body(body)
+
+    def write_body(self, body):
+        # in pieces: the socket's timeout bounds a whole sendall, and an attention map of a few
+        # MB to a slow link would be cut off after --timeout seconds; a piece at a time, it is
+        # cut off only when the client takes longer than that for 64 KB
+        for start in range(0, len(body), STREAM_SEND_BUFFER):
+            self.wfile.write(body[start : start + STREAM_SEND_BUFFER])
 
     def send_error_json(self, error):
-        self.send_json(error.status, {"error": str(error), "field": error.field})
-        self.server.playground.log(f"{self.command} {self.path}: {error.status} {error}")
+        """The one line of JSON for error, and one line in the log; no more than the log line if
+        an answer has begun or the client has gone."""
+        self.server.playground.log(f"{shown(self.command or '-', 20)} {shown(self.path)}: {error.status} {error}")
+        if self.answered:
+            return
+        try:
+            self.send_json(error.status, {"error": str(error), "field": error.field}, headers=error.headers)
+        except (ConnectionError, TimeoutError):
+            pass  # it left (or stopped reading) before its answer
+
+    def send_error(self, code, message=None, explain=None):
+        """The standard library's own refusals (a malformed request line, headers too long or
+        too many) in this server's JSON, not its HTML page."""
+        if code == HTTPStatus.HTTP_VERSION_NOT_SUPPORTED:
+            code = 400  # a request line of HTTP/2.0 or more: what is wrong is the request, so a 4xx
+        self.send_error_json(RequestError(code, "request", shown(message or HTTPStatus(code).phrase, 200)))
 
     def send_event(self, data, event=None):
-        """One Server-Sent Event; raises BrokenPipeError/ConnectionResetError once the client is gone."""
+        """One Server-Sent Event; raises a ConnectionError once the client is gone, TimeoutError
+        when it has not read for --timeout seconds."""
         head = f"event: {event}\n" if event else ""
         self.wfile.write(f"{head}data: {json.dumps(data, ensure_ascii=False)}\n\n".encode())
         self.wfile.flush()
@@ -273,53 +408,86 @@ class Handler(BaseHTTPRequestHandler):
 
     # -- requests
 
+    def handle_one_request(self):
+        """Read one request (HTTP/1.0: one per connection) and answer it, whatever arrives: a
+        one-line JSON error for anything malformed or refused, and at most a line in the log
+        for a client that leaves."""
+        try:
+            self.raw_requestline = self.rfile.readline(65537)
+            if not self.raw_requestline:
+                return  # connected, and closed without a word
+            if len(self.raw_requestline) > 65536:
+                raise RequestError(414, "path", "the request line is longer than 65,536 bytes")
+            if self.parse_request():
+                self.route()
+            elif not self.answered:  # a blank request line, which parse_request leaves unanswered
+                raise RequestError(400, "request", "an empty request line")
+        except RequestError as e:
+            self.send_error_json(e)
+        except TimeoutError:
+            if not self.answered:
+                limit = f"--timeout={self.timeout:g}"
+                self.send_error_json(RequestError(408, "request", f"not received in full within {limit} seconds"))
+        except ConnectionError:
+            pass  # the client left: nothing to answer, nothing worth a log line
+        except Exception as e:  # noqa: BLE001 (a bug: say so in one line, and keep serving the others)
+            where = traceback.extract_tb(e.__traceback__)[-1]
+            self.server.playground.log(
+                f"{shown(self.command or '-', 20)} {shown(self.path)}: 500 {type(e).__name__}: {e} "
+                f"({os.path.basename(where.filename)}:{where.lineno})"
+            )
+            self.send_error_json(RequestError(500, "server", f"{type(e).__name__}: {e}"))
+
+    def route(self):
+        self.check_host()
+        # the path alone; urlsplit would raise on some (a path of "//[" names an IPv6 host to it)
+        path = self.path.split("?", 1)[0]
+        methods = ROUTES.get(path)
+        if methods is None:
+            raise RequestError(404, "path", f"no such page or endpoint: {shown(path)}")
+        if self.command not in methods:
+            allowed = ", ".join(methods)
+            raise RequestError(
+                405,
+                "method",
+                f"{shown(self.command, 20)} is not allowed on {path} (only {allowed})",
+                headers=[("Allow", allowed)],
+            )
+        getattr(self, methods[self.command])()
+
     def check_host(self):
         """On a loopback address, only requests that name it: a web page elsewhere that points
         its own hostname at 127.0.0.1 (DNS rebinding) must not read from this server."""
         if not self.server.loopback:
             return
-        host = urlsplit("//" + self.headers.get("Host", "")).hostname or ""
-        if host not in ("localhost", "127.0.0.1", "::1"):
-            raise RequestError(403, "Host", f"{host!r} is not this machine's loopback name (use http://127.0.0.1:PORT/)")
+        host = self.headers.get("Host", "")
+        if not LOOPBACK_HOST.fullmatch(host):
+            raise RequestError(403, "Host", f"'{shown(host)}' is not this machine's loopback name (use http://127.0.0.1:PORT/)")
 
     def read_json(self):
         if self.headers.get_content_type() != "application/json":
             # also makes another site's page ask first (CORS preflight), which this server never allows
-            raise RequestError(415, "Content-Type", f"expected application/json, got {self.headers.get('Content-Type')!r}")
+            raise RequestError(
+                415, "Content-Type", f"expected application/json, got '{shown(self.headers.get('Content-Type', ''))}'"
+            )
         length = self.headers.get("Content-Length")
-        if length is None or not length.isdigit():
-            raise RequestError(411, "body", "a Content-Length header is required")
-        if int(length) > MAX_BODY_BYTES:
-            raise RequestError(413, "body", f"{int(length):,} bytes, more than the limit of {MAX_BODY_BYTES:,}")
-        raw = self.rfile.read(int(length))
+        if length is None:
+            raise RequestError(411, "Content-Length", "required: the body's size in bytes")
+        length = length.strip()
+        if not (length.isascii() and length.isdigit()):  # isdigit alone takes "٣" and "²", which int() may refuse
+            raise RequestError(400, "Content-Length", f"expected a number of bytes, got '{shown(length, 40)}'")
+        digits = len(length.lstrip("0"))
+        size = int(length) if digits <= 18 else math.inf  # int() refuses more than 4,300 digits
+        if size > MAX_BODY_BYTES:
+            shown_size = f"{size:,}" if size < math.inf else f"a {digits:,}-digit number of"
+            raise RequestError(413, "body", f"{shown_size} bytes, more than the limit of {MAX_BODY_BYTES:,}")
+        raw = self.rfile.read(size)
+        if len(raw) < size:
+            raise RequestError(400, "body", f"{len(raw):,} of its {size:,} bytes arrived before the client closed")
         try:
             return json.loads(raw.decode("utf-8"))
         except (ValueError, RecursionError) as e:  # bad UTF-8 or JSON, a 5000-digit number, [[[[...]]]] nested too deep
-            raise RequestError(400, "body", f"not valid JSON ({str(e)[:80]})") from None
-
-    def do_GET(self):
-        self.handle_request({"/": self.get_page, "/api/info": self.get_info, "/api/metrics": self.get_metrics})
-
-    def do_POST(self):
-        self.handle_request({"/api/generate": self.post_generate, "/api/attention": self.post_attention})
-
-    def handle_request(self, routes):
-        path = urlsplit(self.path).path
-        try:
-            self.check_host()
-            if path not in routes:
-                known = {"/", "/api/info", "/api/metrics", "/api/generate", "/api/attention"}
-                if path in known:
-                    raise RequestError(405, "method", f"{self.command} is not allowed on {path}")
-                raise RequestError(404, "path", f"no such page or endpoint: {path}")
-            routes[path]()
-        except RequestError as e:
-            self.send_error_json(e)
-        except (BrokenPipeError, ConnectionResetError):
-            pass  # the client left; nothing to answer
-        except Exception as e:  # a bug: say so, and keep serving the others
-            self.server.playground.log(f"{self.command} {path}: 500 {type(e).__name__}: {e}")
-            self.send_json(500, {"error": f"server: {type(e).__name__}: {e}", "field": "server"})
+            raise RequestError(400, "body", f"not valid JSON ({shown(str(e))})") from None
 
     def get_page(self):
         with open(PAGE, "rb") as f:
@@ -329,7 +497,7 @@ class Handler(BaseHTTPRequestHandler):
         self.send_header("Content-Length", str(len(body)))
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        self.wfile.write(body)
+        self.write_body(body)
 
     def get_info(self):
         self.send_json(200, self.server.playground.info)
@@ -354,47 +522,80 @@ class Handler(BaseHTTPRequestHandler):
     def post_generate(self):
         playground = self.server.playground
         config, prompt_ids = playground.generation(self.read_json())
+        # a generation keeps a core busy for as long as it streams: beyond a few at once, each
+        # would only slow the others down
+        if playground.stopping.is_set():
+            raise RequestError(503, "server", "stopping (Ctrl-C)")
+        if not playground.slots.acquire(blocking=False):
+            n = playground.config.max_generations
+            raise RequestError(
+                503,
+                "server",
+                f"busy: {n} generation(s) streaming, this server's limit (--max_generations); try again in {RETRY_AFTER} s",
+                headers=[("Retry-After", RETRY_AFTER)],
+            )
+        try:
+            self.stream(config, prompt_ids)
+        finally:
+            playground.slots.release()
+
+    def stream(self, config, prompt_ids):
+        playground = self.server.playground
+        # a send buffer of fixed size, where the kernel would grow it to megabytes: a client that
+        # stops reading blocks its generation, then ends it (--timeout), within a few thousand characters
+        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
         self.send_response(200)
         self.send_header("Content-Type", "text/event-stream; charset=utf-8")
         self.send_header("Cache-Control", "no-cache")
         self.end_headers()
-        tokens = generate_tokens(playground.model, prompt_ids, config)
-        generated, left, t0 = [], False, time.time()
+        generated, ended, tokens, t0 = [], "generated", None, time.time()
         with playground.lock:
             playground.running += 1
         try:
+            tokens = generate_tokens(playground.model, prompt_ids, config)
             for token in tokens:  # (1,)
+                if playground.stopping.is_set():  # Ctrl-C: end between two characters (Playground.stop)
+                    ended = "stopped (Ctrl-C) after"
+                    self.send_event({"error": "server: stopped (Ctrl-C)", "field": "server"}, event="error")
+                    break
                 generated.append(playground.tokenizer.decode(token.tolist()))
                 # a write to a client that has gone fails within a character or two: the
                 # first lands in the socket's buffer, the peer answers with a reset
                 self.send_event({"char": generated[-1]})
-            seconds = time.time() - t0
-            self.send_event(
-                {
-                    "text": "".join(generated),
-                    "chars": len(generated),
-                    "seconds": round(seconds, 3),
-                    "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1),
-                },
-                event="done",
-            )
-        except (BrokenPipeError, ConnectionResetError, ConnectionAbortedError):
-            left = True
-        except Exception as e:  # a bug: the stream has begun, so say it as an event
+            else:
+                seconds = time.time() - t0
+                self.send_event(
+                    {
+                        "text": "".join(generated),
+                        "chars": len(generated),
+                        "seconds": round(seconds, 3),
+                        "chars_per_s": round(len(generated) / max(seconds, 1e-9), 1),
+                    },
+                    event="done",
+                )
+        except ConnectionError:
+            ended = "client left after"
+        except TimeoutError:  # its buffers are full: a client that stopped reading must not hold its slot for ever
+            ended = f"client read nothing for --timeout={self.timeout:g} s after"
+        except Exception as e:  # noqa: BLE001 (a bug: the stream has begun, so say it as an event)
             playground.log(f"generate: {type(e).__name__}: {e}")
             try:
                 self.send_event({"error": f"server: {type(e).__name__}: {e}", "field": "server"}, event="error")
             except OSError:
-                left = True
+                ended = "client left after"
         finally:
-            tokens.close()  # ends model.generate where it stands
-            playground.record(len(generated), config.max_new_tokens, left)
-        what = "client left after" if left else "generated"
-        playground.log(f"generate: {what} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s")
+            if tokens is not None:
+                tokens.close()  # ends model.generate where it stands
+            playground.record(len(generated), config.max_new_tokens, ended.startswith("client"))
+        playground.log(f"generate: {ended} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s")
 
 
 class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stream still open does not keep Ctrl-C waiting
+    daemon_threads = True  # a stream still open does not keep Ctrl-C waiting (Playground.stop ends it first)
+    # the listen backlog: a burst of connects waits there for accept(), where socketserver's
+    # 5 made the rest wait for their SYN to be sent again a second later (the kernel caps it
+    # at net.core.somaxconn)
+    request_queue_size = socket.SOMAXCONN
 
     def __init__(self, playground):
         host, port = playground.config.host, playground.config.port
@@ -409,6 +610,8 @@ class Server(ThreadingHTTPServer):
             self.loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
             self.loopback = host == "localhost"
+        self.connections = threading.BoundedSemaphore(playground.config.max_connections)  # one per request thread
+        self.quiet_until = 0.0  # the accept loop's warnings: at most one every 10 s
 
     @property
     def url(self):
@@ -417,13 +620,105 @@ class Server(ThreadingHTTPServer):
             host = "127.0.0.1"  # what this machine's browser can open
         return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}/"
 
+    def warn(self, message):
+        now = time.monotonic()
+        if now >= self.quiet_until:  # a flood of refused connects is a line, not a line each
+            self.quiet_until = now + 10
+            self.playground.log(message)
+
+    def get_request(self):
+        try:
+            return super().get_request()
+        except OSError as e:
+            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                # out of open files: the connect stays in the backlog, so select() would wake
+                # this loop again at once and spin a core until a file closes
+                self.warn(
+                    f"accept: {e.strerror}: new connections wait (--max_connections={self.playground.config.max_connections})"
+                )
+                time.sleep(0.1)
+            raise  # socketserver drops the attempt and selects again
+
+    def process_request(self, request, client_address):
+        if not self.connections.acquire(blocking=False):
+            self.refuse(request)
+            return
+        try:
+            super().process_request(request, client_address)  # a thread of its own
+        except BaseException:
+            self.connections.release()
+            raise
+
+    def process_request_thread(self, request, client_address):
+        try:
+            super().process_request_thread(request, client_address)
+        finally:
+            self.connections.release()
+
+    def refuse(self, request):
+        """503 and close, from the accept loop itself: no thread, and no wait for the request,
+        so that idle connections cannot use up the threads or the open files."""
+        n = self.playground.config.max_connections
+        body = json.dumps(
+            {
+                "error": f"server: busy: {n} connections open, this server's limit (--max_connections); "
+                f"try again in {RETRY_AFTER} s",
+                "field": "server",
+            }
+        ).encode()
+        head = (
+            f"HTTP/1.0 503 Service Unavailable\r\nServer: {Handler.server_version}\r\n"
+            f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
+            f"Retry-After: {RETRY_AFTER}\r\n\r\n"
+        ).encode()
+        try:
+            request.setblocking(False)  # a fresh socket's buffer takes these few hundred bytes at once
+            request.send(head + body)
+        except OSError:
+            pass
+        self.shutdown_request(request)
+        self.warn(f"busy: {n} connections open (--max_connections): answering new ones 503")
+
+    def handle_error(self, request, client_address):
+        """One line for what escaped a request's thread, not the standard library's traceback."""
+        e = sys.exc_info()[1]
+        if isinstance(e, (ConnectionError, TimeoutError)):
+            return  # a client gone or silent: not worth a line
+        where = traceback.extract_tb(e.__traceback__)[-1]
+        self.playground.log(f"{client_address[0]}: {type(e).__name__}: {e} ({os.path.basename(where.filename)}:{where.lineno})")
+
+
+def open_files_for(max_connections):
+    """Raise this process's soft limit on open files, if need be, so that --max_connections
+    connections and the files the server itself holds fit in it."""
+    try:
+        import resource
+    except ImportError:  # Windows: no such limit to raise
+        return
+    need = max_connections + 100  # the checkpoint, the page, the log, PyTorch's own
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if soft == resource.RLIM_INFINITY or soft >= need:
+        return
+    if hard != resource.RLIM_INFINITY and hard < need:
+        raise ValueError(
+            f"--max_connections={max_connections} needs {need} open files, more than this system allows "
+            f"a process ({hard}, ulimit -Hn)"
+        )
+    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+
 
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
-    log = lambda message: print(message, file=sys.stderr, flush=True)
+    log_lock = threading.Lock()
+
+    def log(message):
+        with log_lock:  # requests log from threads of their own: print writes the line and its end apart
+            print(message, file=sys.stderr, flush=True)
+
     try:
         (config,), _ = parse(argv, [ServeConfig()], "serve.py [--key=value ...]", config_file=False)
         playground = Playground(config, log)
+        open_files_for(config.max_connections)
         server = Server(playground)
     except HelpRequested as e:
         print(e)
@@ -443,6 +738,7 @@ def main(argv=None):
         pass
     finally:
         server.server_close()
+        playground.stop()
     return 0
 
 

@@ -1,13 +1,13 @@
 """Train the lecture's GPT on a prepared character dataset.
 
     python prepare.py                                  # once: data/shakespeare_char/
-    python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU, into out-cpu/
-    python train.py config/shakespeare_char.py         # the lecture's quality in a 15-minute budget, into out/
+    python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU: 1,000 steps, into out-cpu/
+    python train.py config/shakespeare_char.py         # the lecture's quality: 2,600 steps, 15 minutes on 2 cores, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
-    python train.py config/shakespeare_char.py --time_budget=30     # as good a model as 30 minutes give here
-    python train.py config/shakespeare_char_cpu.py --time_budget=0 --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
+    python train.py config/shakespeare_char.py --max_iters=4500 --time_budget=35   # longer, a better model
+    python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
 
 Settings come from the defaults (TrainConfig in chargpt/config.py, GPTConfig in model.py),
@@ -32,14 +32,13 @@ unless --overwrite=True. It also refuses, with both figures, a run whose estimat
 """
 
 import dataclasses
-import json
 import math
 import os
 import random
 import signal
 import sys
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import numpy as np
 import torch
@@ -54,7 +53,7 @@ from chargpt.engine import sample_text
 from chargpt.health import Health
 from chargpt.memory import check_training_memory
 from chargpt.metrics import Reporter
-from chargpt.optim import make_optimizer, train_step
+from chargpt.optim import LossScaler, make_optimizer, train_step
 from chargpt.schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from model import GPTConfig, build_model
 
@@ -97,9 +96,11 @@ def training_loop(run):
             lr = run.set_lr(p)
 
             if (eval_due or last_step) and not resumed_here:
-                evaluate_and_save(run)
+                evaluate_and_save(run, last_step)
                 # an eval slower than expected may leave no time for another step: then this was the last
-                last_step = last_step or run.where(eval_due=False)[1]
+                if not last_step and run.where(eval_due=False)[1]:
+                    last_step = True
+                    run.save(run.ckpt_path, finished=True)  # mark it: a resume must not go on past the budget
             if last_step:
                 break
             if stop.requested(run.ddp, run.device):
@@ -112,7 +113,7 @@ def training_loop(run):
             t_step = time.time()
             watch = run.health.watch(run.iter_num)  # at health steps only: hooks on the model for this step
             step_model = watch.model if watch else run.step_model
-            loss = train_step(step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, watch)
+            loss = train_step(step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, run.scaler, watch)
             run.health.record(watch)  # the step's activations, gradients and updates, and any warning
             run.iter_num += 1
             log_step(run, loss, lr)
@@ -145,7 +146,7 @@ def estimate_loss(model, samplers, eval_iters, ctx, device, ddp=None):
     return out
 
 
-def evaluate_and_save(run):
+def evaluate_and_save(run, last):
     """The loss on both splits, best.pt when val improved, ckpt.pt, and a sample to watch."""
     t_eval = time.time()
     losses = estimate_loss(run.eval_model, run.eval_samplers, run.config.eval_iters, run.ctx, run.device, run.ddp)
@@ -154,7 +155,7 @@ def evaluate_and_save(run):
     if losses["val"] < run.best_val_loss:
         run.best_val_loss = losses["val"]
         run.save(run.best_path, with_optimizer=False)
-    run.save(run.ckpt_path)
+    run.save(run.ckpt_path, finished=last)
     if run.ddp.master:
         # a sample to watch the model improve, timed so that a time budget keeps enough for
         # samples.txt (a short unseen one when evals print none)
@@ -163,23 +164,27 @@ def evaluate_and_save(run):
         t_sample = time.time()
         sample = sample_text(run.model, run.tokenizer, chars, config.seed) if chars else None
         progress.measure_sample(time.time() - t_sample, chars)
-        run.report.eval(run.iter_num, losses, run.best_val_loss, sample if config.eval_sample_chars else None)
+        run.report.eval(run.iter_num, losses, run.best_val_loss, sample if config.eval_sample_chars else None, last)
         run.health.eval(run.iter_num, losses)  # the init and overfitting warnings, health.png
     run.progress.measure_eval(time.time() - t_eval)
 
 
 def log_step(run, loss, lr):
-    """The live line, and every log_interval steps a logged line and metrics entry."""
+    """The live line, and every log_interval steps a logged line and metrics entry with the
+    loss of every step since the last one (fetched then: one device sync per line)."""
     config, report = run.config, run.report
+    run.step_losses.append(loss.detach())
     if report.live_due():  # a terminal on rank 0 only: this process's own loss
         report.show_live(run.iter_num, loss.item() * config.gradient_accumulation_steps, lr)
     if run.iter_num % config.log_interval == 0:
-        # a sync point, so only here; with DDP the mean over processes, which all take part
+        # with DDP the mean over processes, which all take part
         lossf = run.ddp.sum(loss.detach() * config.gradient_accumulation_steps).item() / run.ddp.world_size
+        losses = (torch.stack(run.step_losses) * config.gradient_accumulation_steps).tolist()
+        run.step_losses.clear()
         run.check_finite([lossf])
         if config.compile and run.iter_num - run.start_iter == config.log_interval:
             report.log(f"compiled, the first {config.log_interval} steps took {time.time() - run.t_loop:.1f}s")
-        report.train_step(run.iter_num, lossf, lr, run.flops_per_iter)
+        report.train_step(run.iter_num, lossf, lr, run.flops_per_iter, losses)
 
 
 def finish(run):
@@ -215,6 +220,7 @@ class Run:
     eval_samplers: dict
     ctx: object  # autocast, or nothing
     progress: RunProgress
+    scaler: LossScaler = None  # float16 only
     report: Reporter = None
     health: Health = None
     iter_num: int = 0
@@ -222,6 +228,7 @@ class Run:
     best_val_loss: float = float("inf")
     flops_per_iter: float = 0.0
     t_loop: float = 0.0
+    step_losses: list = field(default_factory=list)  # this process's loss of each step since the last log line
 
     @property
     def ckpt_path(self):
@@ -252,9 +259,10 @@ class Run:
                 "good state (try a lower --learning_rate)"
             )
 
-    def save(self, path, with_optimizer=True):
+    def save(self, path, with_optimizer=True, finished=False):
         """Write a checkpoint from rank 0; with several processes every one must call this,
-        since each hands over its random state."""
+        since each hands over its random state. finished: the run ends here (the budget
+        spent or max_iters reached), which a resume checks."""
         rng = ckpt.rng_state(self.batches) if with_optimizer else None
         rng_ranks = [None] * self.ddp.world_size
         if with_optimizer and self.ddp.world_size > 1:
@@ -266,6 +274,8 @@ class Run:
             rng_ranks=rng_ranks if self.ddp.world_size > 1 else None,
             elapsed=self.report.elapsed(),
             timings=self.progress.state_dict(),
+            scaler=self.scaler.state_dict() if self.scaler else None,
+            finished=finished,
         )
         state = ckpt.run_state(
             self.model,
@@ -283,29 +293,17 @@ class Run:
 def setup(config, model_config, ddp, device, log, live, t_start):
     """Everything the loop needs, checked before the first write into out_dir."""
     device_type = device.split(":")[0]
+    machine.check_compile(config.compile, device)
     if device_type == "cpu":
         machine.keep_freed_memory()  # a step reuses the memory the last one freed
-    train_data, val_data, tokenizer = load_dataset(config)
-    model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
-    checkpoint = None
-    if config.init_from == "resume":
-        checkpoint = ckpt.load_checkpoint(os.path.join(config.out_dir, "ckpt.pt"), device)
-        path = os.path.join(config.out_dir, "ckpt.pt")
-        ckpt.check_resumable(checkpoint, path, config)
-        model_config = ckpt.resume_model_config(checkpoint, path, model_config, tokenizer)
-    model_config.validate()
-    for split, data in (("train", train_data), ("val", val_data)):
-        if len(data) <= model_config.block_size:
-            raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
-    # before auto has picked the dtype, the memory is checked for float32, the larger estimate
-    check_training_memory(config, model_config, device, "float32" if config.dtype == "auto" else config.dtype, ddp)
-
+    (train_data, val_data), tokenizer, model_config, checkpoint = read_inputs(config, model_config, device, ddp)
     torch.manual_seed(config.seed)  # the same initial weights in every process
     model = build_model(model_config).to(device)
     dtype = machine.training_dtype(config.dtype, device, model, (config.batch_size, model_config.block_size), ddp, log)
     # each process draws its own batches and dropout masks; rank 0 is a single-process run
     for seed_stream in (torch.manual_seed, random.seed, np.random.seed):
         seed_stream(config.seed + ddp.rank)
+    T, B = model_config.block_size, config.batch_size
     run = Run(
         config=config,
         model_config=model_config,
@@ -316,52 +314,54 @@ def setup(config, model_config, ddp, device, log, live, t_start):
         eval_model=model,
         step_model=model,
         optimizer=make_optimizer(model, config, device_type),
-        batches=BatchSampler(train_data, model_config.block_size, config.batch_size, config.seed + ddp.rank, config.data_order),
-        eval_samplers={
-            "train": BatchSampler(train_data, model_config.block_size, config.batch_size, seed=1),
-            "val": BatchSampler(val_data, model_config.block_size, config.batch_size, seed=2),
-        },
+        batches=BatchSampler(train_data, T, B, config.seed + ddp.rank, config.data_order),
+        eval_samplers={"train": BatchSampler(train_data, T, B, seed=1), "val": BatchSampler(val_data, T, B, seed=2)},
         ctx=machine.autocast_context(device_type, dtype),
         progress=RunProgress(config),
+        # float16's loss scaling; it says a skipped step through the Reporter made below
+        scaler=LossScaler(device_type, lambda message: run.report.log(message)) if dtype == "float16" else None,
     )
     elapsed_before = resume(run, checkpoint, log) if checkpoint is not None else None
     del checkpoint
-    tokens_per_iter = config.batch_size * config.gradient_accumulation_steps * ddp.world_size * model_config.block_size
+    tokens_per_iter = B * config.gradient_accumulation_steps * ddp.world_size * T
     run.flops_per_iter = model.flops_per_token() * tokens_per_iter
-    log_start(run, dtype, tokens_per_iter, log)
+    log_start(run, dtype, tokens_per_iter, (train_data, val_data), log)
     # the first write into out_dir, after every check that could refuse the run
     if ddp.master:
         if config.overwrite:
             rundir.clear_previous_run(config.out_dir)
-        rundir.write_run_config(
-            config.out_dir,
-            {
-                "model": dataclasses.asdict(model_config),
-                "train": dataclasses.asdict(config),
-                "device": device,
-                "dtype": dtype,
-                "world_size": ddp.world_size,
-            },
-        )
+        settings = {"model": dataclasses.asdict(model_config), "train": dataclasses.asdict(config)}
+        rundir.write_run_config(config.out_dir, {**settings, "device": device, "dtype": dtype, "world_size": ddp.world_size})
     wrap_model(run, log)
-    run.report = Reporter(
-        config.out_dir,
-        log,
-        live,
-        run.start_iter,
-        config.max_iters,
-        tokens_per_iter,
-        resume=config.init_from == "resume",
-        write_files=ddp.master,
-        time_budget=run.progress.budget,
-        t_start=t_start,
-        elapsed_before=elapsed_before,
-    )
+    resumed = config.init_from == "resume"
+    run.report = Reporter(config.out_dir, log, live, run.start_iter, config.max_iters, tokens_per_iter, resumed,
+                          write_files=ddp.master, time_budget=run.progress.budget, t_start=t_start,
+                          elapsed_before=elapsed_before)  # fmt: skip
     # each layer's activations, gradients and updates every health_interval steps, measured on rank 0
     interval = config.health_interval if ddp.master else 0
     run.health = Health(run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1)
     run.t_loop = time.time()
     return run
+
+
+def read_inputs(config, model_config, device, ddp):
+    """(the train and val tokens, tokenizer, model config, checkpoint or None): the dataset,
+    the checkpoint to resume, and the checks that the run can start from them."""
+    train_data, val_data, tokenizer = load_dataset(config)
+    model_config = dataclasses.replace(model_config, vocab_size=tokenizer.vocab_size)
+    checkpoint = None
+    if config.init_from == "resume":
+        path = os.path.join(config.out_dir, "ckpt.pt")
+        checkpoint = ckpt.load_checkpoint(path, device)
+        ckpt.check_resumable(checkpoint, path, config)
+        model_config = ckpt.resume_model_config(checkpoint, path, model_config, tokenizer)
+    model_config.validate()
+    for split, data in (("train", train_data), ("val", val_data)):
+        if len(data) <= model_config.block_size:
+            raise ValueError(f"--block_size={model_config.block_size} is longer than the {split} split ({len(data)} tokens)")
+    # before auto has picked the dtype, the memory is checked for float32, the larger estimate
+    check_training_memory(config, model_config, device, "float32" if config.dtype == "auto" else config.dtype, ddp)
+    return (train_data, val_data), tokenizer, model_config, checkpoint
 
 
 def resume(run, checkpoint, log):
@@ -372,6 +372,8 @@ def resume(run, checkpoint, log):
     run.optimizer.load_state_dict(checkpoint["optimizer"])
     run.iter_num = run.start_iter = checkpoint["iter_num"]
     run.best_val_loss = checkpoint["best_val_loss"]
+    if run.scaler is not None and "scaler" in checkpoint:
+        run.scaler.load_state_dict(checkpoint["scaler"])
     states = checkpoint.get("rng_ranks", [checkpoint["rng"]])
     if len(states) == ddp.world_size:
         ckpt.set_rng_state(states[ddp.rank], run.batches)
@@ -381,26 +383,42 @@ def resume(run, checkpoint, log):
         log(f"note: {path} was written by {len(states)} process(es), this run has {ddp.world_size}: new random streams")
     log(f"resuming from {path} at step {run.iter_num} (best val loss {run.best_val_loss:.4f})")
     run.progress.load_state_dict(checkpoint.get("timings", {}))  # what its steps and evals took
+    ckpt.check_budget_left(checkpoint, run.progress, path, config)
     note = ckpt.budget_change_note(checkpoint, path, config)
     if note:
         log(note)
     return checkpoint.get("elapsed")
 
 
-def log_start(run, dtype, tokens_per_iter, log):
-    config, ddp = run.config, run.ddp
-    log(f"config: {json.dumps(dataclasses.asdict(run.model_config) | dataclasses.asdict(config))}")
+def log_start(run, dtype, tokens_per_iter, data, log):
+    """A few lines that say what runs: the model, the data, the machine, and how long."""
+    config, mc, ddp = run.config, run.model_config, run.ddp
+    switches = [f"{k}={getattr(mc, k)}" for k in ARCHITECTURE if getattr(mc, k) != getattr(GPTConfig, k)]
+    shape = f"{mc.n_layer} Blocks x {mc.n_head} heads, n_embd {mc.n_embd}" if mc.model_type == "gpt" else "the bigram table"
+    log(
+        f"model: {shape}, block_size {mc.block_size}, {run.model.num_params() / 1e6:.2f}M parameters"
+        f"{' (' + ', '.join(switches) + ')' if switches else ''}; every setting in {config.out_dir}/config.json"
+    )
+    folder = os.path.join(config.data_dir, config.dataset)
+    log(f"data: {folder}: {len(data[0]):,} characters to train on, {len(data[1]):,} to validate, {mc.vocab_size} distinct")
     global_batch = config.batch_size * config.gradient_accumulation_steps * ddp.world_size
     log(
-        f"device {run.device}, dtype {dtype}, {run.model.num_params() / 1e6:.2f}M parameters; global batch "
-        f"{config.batch_size} x {config.gradient_accumulation_steps} accumulation x {ddp.world_size} processes "
-        f"= {global_batch} sequences, {tokens_per_iter:,} tokens per step"
+        f"device {run.device}, {dtype}; global batch {config.batch_size} x {config.gradient_accumulation_steps} accumulation "
+        f"x {ddp.world_size} processes = {global_batch} sequences, {tokens_per_iter:,} tokens per step"
     )
+    length = f"{config.max_iters:,} steps"
     if config.time_budget:
-        log(
-            f"time budget {config.time_budget:g} min: the run stops when it is spent, evals and checkpoints included, "
-            f"and the lr schedule follows the time; max_iters={config.max_iters} is not used"
-        )
+        length = f"{length} or {config.time_budget:g} minutes, whichever comes first (the lr schedule follows the nearer)"
+    lr = (
+        f"Muon lr {config.muon_lr:g} + AdamW lr {config.learning_rate:g}"
+        if config.optimizer == "muon"
+        else f"AdamW lr {config.learning_rate:g}"
+    )
+    log(f"run: {length}; {lr}, {config.lr_schedule} schedule after {config.warmup_iters} warmup steps")
+
+
+# the GPTConfig switches that change the architecture, named in the opening lines when not the default
+ARCHITECTURE = ("ffwd_mult", "residual", "proj", "layer_norm", "init", "activation", "position", "qk_norm", "bias")
 
 
 def wrap_model(run, log):

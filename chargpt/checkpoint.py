@@ -10,9 +10,12 @@ A checkpoint is a dict of tensors and plain data, loadable with torch.load(weigh
     vocab           the characters, in token-id order, as one string
     rng             random states (torch, numpy, Python, the batch sampler) for an exact resume;
                     rng_ranks: one per process of a torchrun run
+    finished        whether the run ended with this checkpoint (its budget spent or max_iters reached)
     elapsed         seconds the run had spent when it was written (a time budget goes on from it)
     timings         the measured seconds of a step, an eval and a generated character, with
                     which a resumed run with a time budget plans its end before its first eval
+    scaler          float16 runs only: the loss scaler's state (chargpt/optim.py's LossScaler),
+                    so that a resumed run scales and skips as the uninterrupted one would
     version         format version
 
 out_dir/ckpt.pt is the latest state (written at every eval); out_dir/best.pt the one with
@@ -110,7 +113,7 @@ def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
 
 def run_state(model, model_config, config, tokenizer, iter_num, best_val_loss, optimizer=None, **resume):
     """The checkpoint dict of a training run. With the optimizer it is a full state to
-    resume from (resume: rng, rng_ranks, elapsed, timings); without, weights for sampling."""
+    resume from (resume: rng, rng_ranks, elapsed, timings, scaler); without, weights for sampling."""
     state = {
         "model": model.state_dict(),
         "iter_num": iter_num,
@@ -161,12 +164,29 @@ def check_resumable(checkpoint, path, config):
     if saved != config.optimizer:
         raise ValueError(f"--optimizer={config.optimizer} differs from the {saved!r} that {path} was trained with")
     # the loop stops when the step reaches max_iters: one already past it would never stop,
-    # and would go on rewriting the trained model
+    # and would go on rewriting the trained model; one at it has nothing left to do
     done = checkpoint["iter_num"]
-    if not config.time_budget and config.max_iters < done:
+    if config.max_iters <= done:
+        where = "already past it, at step" if config.max_iters < done else "there already: the run finished at step"
         raise ValueError(
-            f"--max_iters={config.max_iters} is below step {done}, where {path} already is: "
-            f"pass a --max_iters above {done} to train on (max_iters counts the whole run)"
+            f"--max_iters={config.max_iters}: {path} is {where} {done}; pass a --max_iters above {done} "
+            "to train on (max_iters counts the whole run)"
+        )
+
+
+def check_budget_left(checkpoint, progress, path, config):
+    """Refuse to resume a run whose time budget is spent: it would train nothing. A run marks
+    the checkpoint it ends with (finished); one from before the mark is judged by its times."""
+    saved = checkpoint.get("train_config", {}).get("time_budget", 0.0)
+    elapsed = checkpoint.get("elapsed") or 0.0
+    if "finished" in checkpoint:
+        spent = checkpoint["finished"] and 0 < config.time_budget <= saved and checkpoint["iter_num"] < config.max_iters
+    else:
+        spent = progress.budget and progress.out_of_time(elapsed)
+    if spent:
+        raise ValueError(
+            f"--time_budget={config.time_budget:g}: {path} has spent it ({elapsed:.1f}s of the run so far); "
+            "pass a larger --time_budget to train on (it counts the whole run), or --time_budget=0 to go on to --max_iters"
         )
 
 

@@ -185,10 +185,11 @@ class TrainConfig:
     # data and optimisation
     batch_size: int = knob(64, "sequences per micro-step")
     gradient_accumulation_steps: int = knob(1, "micro-steps whose gradients add up to one optimizer step")
-    max_iters: int = knob(5000, "total optimizer steps (a resumed run stops here too); not used with a time_budget")
+    max_iters: int = knob(5000, "total optimizer steps, a resumed run's included; with a time_budget, whichever comes first")
     time_budget: float = knob(
         0.0,
-        "minutes of wall time for the whole run, evals and checkpoints included: it stops when they are spent, the lr schedule follows the time, and max_iters is not used (0: off)",
+        "minutes of wall time for the whole run, evals and checkpoints included; it stops when they are spent or at "
+        "max_iters, whichever comes first, and the lr schedule follows the nearer (0: no time limit)",
     )
     learning_rate: float = knob(1e-3, "peak learning rate of AdamW")
     min_lr: float = knob(1e-4, "learning rate at the end of the decay")
@@ -198,7 +199,7 @@ class TrainConfig:
         "after warmup: 'cosine' (half a cosine down to min_lr) or 'wsd' (learning_rate, then a straight line to min_lr over the last cooldown_frac of the run)",
     )
     cooldown_frac: float = knob(0.2, "with lr_schedule='wsd': the fraction of the run (after warmup) that decays to min_lr")
-    lr_decay_iters: int = knob(0, "step where the decay reaches min_lr (0: max_iters); not used with a time_budget")
+    lr_decay_iters: int = knob(0, "step where the decay reaches min_lr (0: max_iters)")
     weight_decay: float = knob(0.1, "AdamW weight decay, applied to 2-D weights only")
     beta1: float = knob(0.9, "AdamW beta1")
     beta2: float = knob(0.99, "AdamW beta2")
@@ -215,7 +216,7 @@ class TrainConfig:
     device: str = knob("auto", "'auto' (cuda, else mps, else cpu), or cpu, cuda, cuda:1, mps")
     dtype: str = knob(
         "auto",
-        "'auto' (bfloat16 autocast where it is faster: CUDA with bf16; a CPU with bf16 units where a timing of this model says so), float32 or bfloat16",
+        "'auto' (from the hardware: a GPU of compute capability 8.0+ bfloat16 autocast and TF32, 7.x float16 autocast with loss scaling; MPS float32; a CPU with bf16 units bfloat16 where a timing of this model says so), float32, bfloat16 or float16",
     )
     compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
@@ -250,8 +251,7 @@ class TrainConfig:
             raise ValueError(f"--data_order must be 'random' or 'epoch', got {self.data_order!r}")
         if self.optimizer not in ("adamw", "muon"):
             raise ValueError(f"--optimizer must be 'adamw' or 'muon', got {self.optimizer!r}")
-        if self.dtype not in ("auto", "float32", "bfloat16"):
-            raise ValueError(f"--dtype must be auto, float32 or bfloat16, got {self.dtype!r}")
+        check_choice("dtype", self.dtype, ("auto", "float32", "bfloat16", "float16"))
 
 
 @dataclass

@@ -32,7 +32,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt.machine import machine, read_cache, write_cache
+from chargpt.machine import gpu_has_bf16, machine, machine_busy, read_cache, write_cache
 from model import GPT, Dropout, FeedForward
 
 DECODE_DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16, "int8": torch.int8}
@@ -208,7 +208,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
     """One token per row of logits (B, V), as a (B,) tensor."""
     if temperature == 0:
         return logits.argmax(dim=-1)  # (B,)
-    logits = logits.float() / temperature  # (B, V)
+    # subtract the largest logit before dividing: it stays exactly 0 at any temperature, so a
+    # tiny one gives near-argmax instead of inf - inf = NaN; a temperature under float32's
+    # smallest normal number counts as that number (1e-310 is 0 in float32, and 0 / 0 is NaN)
+    logits = logits.float()
+    logits = (logits - logits.amax(dim=-1, keepdim=True)) / max(temperature, torch.finfo(torch.float32).tiny)  # (B, V)
     if top_k > 0:
         k = min(top_k, logits.shape[-1])
         kth = torch.topk(logits, k, dim=-1).values[:, -1:]  # (B, 1)
@@ -219,9 +223,11 @@ def sample_next(logits, temperature=1.0, top_k=0, top_p=1.0, generator=None):
         sorted_probs, order = torch.sort(probs, dim=-1, descending=True)  # (B, V)
         # drop a token when the tokens before it already reach top_p; the first always stays
         drop = sorted_probs.cumsum(dim=-1) - sorted_probs >= top_p  # (B, V)
+        drop[:, 0] = False  # a top_p under 1.4e-45 is 0 in float32, and 0 >= 0 would drop it too
         sorted_probs = sorted_probs.masked_fill(drop, 0.0)
         probs = torch.zeros_like(probs).scatter(-1, order, sorted_probs)  # (B, V)
-    # multinomial draws on the CPU from the seeded generator: same seed, same text on any device
+    # multinomial draws on the CPU from the seeded generator: same seed, same text on any
+    # device, and never MPS's multinomial, which has drawn wrong samples (pytorch#92752, #136623)
     return torch.multinomial(probs.cpu(), 1, generator=generator)[:, 0].to(logits.device)  # (B,)
 
 
@@ -264,15 +270,23 @@ def sample_text(model, tokenizer, num_chars, seed):
 # A decode step reads every weight once to do little arithmetic with it, so the narrower
 # the weights the fewer bytes it reads; whether that wins depends on the machine (its
 # caches, AVX-512 FP16 or BF16, how good PyTorch's int8 kernels are on it), the model's
-# size and the batch. So auto times a few decode steps of each candidate here, for this
-# model and batch, and takes the one that generates the requested characters fastest:
-# its steps plus building its decoder once (int8's quantized copy of the lecture's model
-# took as long as ~100 of its steps on a Xeon). The times are cached per machine, model
-# shape and batch in ~/.cache/chargpt/decode_dtype.json; delete it to measure again.
+# size and the batch. So auto times the candidates here, for this model and batch, the way
+# generation runs them (consecutive positions of one cache, after a warm-up), in rounds
+# that take turns so that a change in the machine's load hits all alike, and takes the one
+# that generates the requested characters fastest: its steps plus building its decoder once
+# (int8's quantized copy of the lecture's model took as long as ~100 of its steps on a
+# Xeon). Within MARGIN of the fastest, the simpler choice stays (float32, then float16,
+# bfloat16, int8): one noisy timing cannot make generation less exact for nothing. The
+# times are kept per machine, model shape and batch in ~/.cache/chargpt/decode_dtype.json
+# (delete it to time again); a timing taken while the machine was busy is taken again by
+# the first run on a quiet one.
 
-STEPS = 4  # decode steps per round and candidate
+STEPS = 16  # consecutive decode steps per round and candidate
+WARMUP = 4  # steps of each candidate before the rounds
 ROUNDS = 3
+MARGIN = 1.1  # a narrower dtype must generate faster than float32 (or a simpler one) by more than this
 CACHE = "decode_dtype"
+SIMPLEST_FIRST = ("float32", "float16", "bfloat16", "int8")
 
 
 def resolve_decode_dtype(name, model, batch_size=1, new_tokens=500):
@@ -287,9 +301,9 @@ def candidates(device):
     """The dtype names auto chooses among on this device."""
     if device.type == "cpu":
         return ["float32", "float16", "bfloat16", "int8"]
-    if device.type == "cuda":
-        return ["float32", "float16"] + (["bfloat16"] if torch.cuda.is_bf16_supported() else [])
-    return ["float32"]
+    if device.type == "cuda":  # bfloat16 where the GPU has it, not where PyTorch emulates it (a T4)
+        return ["float32", "float16"] + (["bfloat16"] if gpu_has_bf16(device) else [])
+    return ["float32"]  # MPS: the other dtypes are unmeasured there
 
 
 def cache_key(model, batch_size, device):
@@ -300,43 +314,51 @@ def cache_key(model, batch_size, device):
 
 def pick_decode_dtype(model, batch_size=1, new_tokens=500, use_cache=True):
     """(name, costs, where): the dtype that generates new_tokens characters per sequence the
-    fastest, building its decoder included. costs is {name: (seconds to build the decoder,
-    seconds per decode step)}; where says whether they were 'timed' now or came from the
-    'cache' ('none' when there is nothing to choose: one candidate, no decoder, no tokens)."""
+    fastest, building its decoder included, with the simpler choice kept within MARGIN.
+    costs is {name: (seconds to build the decoder, seconds per decode step)}; where says
+    whether they were 'timed' now or came from the 'cache' ('none' when there is nothing to
+    choose: one candidate, no decoder, no tokens)."""
     device = next(model.parameters()).device
     names = candidates(device)
     if not isinstance(model, GPT) or len(names) == 1 or new_tokens == 0:
         return "float32", {}, "none"
     key = cache_key(model, batch_size, device)
-    costs, where = (read_cache(CACHE).get(key) if use_cache else None), "cache"
-    if not valid_costs(costs, names):
+    entry, where = (read_cache(CACHE).get(key) if use_cache else None), "cache"
+    costs, busy = cached_costs(entry, names)
+    if costs is None or (busy and not machine_busy()):
+        busy = machine_busy()
         timings, where = time_decoders(model, names, batch_size), "timed"
         costs = {name: (build, min(steps)) for name, (build, steps) in timings.items()}
         if use_cache:
-            write_cache(CACHE, key, costs)
-    best = min(costs, key=lambda name: costs[name][0] + new_tokens * costs[name][1])
-    return best, costs, where
+            write_cache(CACHE, key, {"costs": costs, "busy": busy, "when": round(time.time())})
+    total = {name: build + new_tokens * step for name, (build, step) in costs.items()}
+    fastest = min(total.values())
+    simplest = next(name for name in SIMPLEST_FIRST if name in total and total[name] <= MARGIN * fastest)
+    return simplest, costs, where
 
 
-def valid_costs(costs, names):
-    """Whether a cache entry is {name: (build seconds, step seconds)} for some of names."""
+def cached_costs(entry, names):
+    """(costs, busy) of a cache entry, or (None, False) for one that is missing or damaged.
+    An entry is {"costs": {name: (build seconds, step seconds)}, "busy": bool}; one written
+    before timings were marked busy is the costs alone."""
+    costs = entry.get("costs") if isinstance(entry, dict) and "costs" in entry else entry
     try:
-        return bool(costs) and all(name in names and len(c) == 2 and min(c) >= 0 for name, c in costs.items())
-    except TypeError:
-        return False
+        valid = bool(costs) and all(name in names and len(c) == 2 and min(c) >= 0 for name, c in costs.items())
+    except (TypeError, AttributeError):
+        valid = False
+    return (costs, bool(entry.get("busy"))) if valid else (None, False)
 
 
 @torch.no_grad()
 def time_decoders(model, names, batch_size):
     """{name: (seconds to build its Decoder, [seconds per decode step in each round])} for the
     dtypes among names that this machine can run. Each decoder is built (timed) and warmed
-    up with one step, then ROUNDS rounds time STEPS steps of each candidate in turn
-    (interleaved, so that a change in the machine's load hits all of them alike), from the
-    same cache position."""
+    up, then ROUNDS rounds time STEPS consecutive steps of each candidate in turn, from the
+    same cache position: where generation spends its time on average, the middle of the
+    window."""
     device = next(model.parameters()).device
     config = model.config
     steps = min(STEPS, config.block_size - 1)
-    # from the middle of the window, where generation spends its time on average
     start = max(1, min(config.block_size // 2, config.block_size - steps))
     cache = KVCache(config, batch_size, device, model.lm_head.weight.dtype)
     prefill(model, torch.zeros(batch_size, start, dtype=torch.long, device=device), cache)
@@ -355,7 +377,7 @@ def time_decoders(model, names, batch_size):
             t0 = time.perf_counter()
             decoder = Decoder(model, DECODE_DTYPES[name])
             build[name] = time.perf_counter() - t0
-            run(decoder, 1)  # warm-up: the first calls allocate and pick their kernels
+            run(decoder, min(WARMUP, steps))  # the first calls allocate and pick their kernels
         except (ValueError, RuntimeError):  # int8 without PyTorch's quantized kernels, say
             continue
         decoders[name] = decoder

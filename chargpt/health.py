@@ -322,8 +322,10 @@ class Watch:
 
     # -- around optimizer.step (chargpt/optim.py's train_step calls these)
 
-    def before_update(self):
-        """The gradients as backward left them, and the weights before the step."""
+    def before_update(self, loss_scale=1.0):
+        """The gradients as backward left them, and the weights before the step. loss_scale:
+        float16's, by which the gradients the tensor hooks saw are too large."""
+        self.loss_scale = loss_scale
         grads = [p.grad for _, p in self.matrices]
         self.grad_stats = [
             None if g is None else torch.stack((g.float().std(), torch.linalg.vector_norm(g.float()))) for g in grads
@@ -349,7 +351,7 @@ class Watch:
 
     def summary(self):
         """The health record of this step (one device sync: everything moves to the CPU at once)."""
-        seen = to_cpu(self.seen)
+        seen = to_cpu(self.seen, getattr(self, "loss_scale", 1.0))
         layers = []
         for name in seen:
             act, grad = seen[name].get("act"), seen[name].get("grad")
@@ -413,14 +415,17 @@ def distribution(x):
     return {"mean": mean, "std": std, "counts": counts}
 
 
-def to_cpu(seen):
-    """seen's tensors as Python numbers and lists; histograms as [lo, hi, counts]."""
+def to_cpu(seen, loss_scale=1.0):
+    """seen's tensors as Python numbers and lists; histograms as [lo, hi, counts]; the
+    gradients divided by float16's loss scale."""
     out = {}
     for name, entry in seen.items():
         out[name] = {}
         for key, value in entry.items():
             if isinstance(value, dict):  # a distribution
                 d = {k: v.tolist() for k, v in value.items()}
+                if key == "grad":
+                    d["mean"], d["std"] = d["mean"] / loss_scale, d["std"] / loss_scale
                 lo, hi = d["mean"] - HIST_STDS * d["std"], d["mean"] + HIST_STDS * d["std"]
                 hist = [sig(lo), sig(hi), [int(c) for c in d["counts"]]] if math.isfinite(hi - lo) else None
                 out[name][key] = {"mean": d["mean"], "std": d["std"], "hist": hist}
@@ -474,10 +479,11 @@ def draw_health(records, path, title=""):
     for ax in (ax_act, ax_grad):
         ax.set_ylabel("density")
         ax.grid(alpha=0.3)
-        if hidden:
+        if ax.lines:
             ax.legend(fontsize=7, loc="upper right")
-        else:  # torch.compile with several processes: the weights alone were measured
-            ax.text(0.5, 0.5, "not measured", ha="center", va="center", transform=ax.transAxes)
+        else:  # torch.compile with several processes measures the weights alone; float16 may overflow
+            message = "not finite (float16's loss scale overflowed?)" if hidden else "not measured"
+            ax.text(0.5, 0.5, message, ha="center", va="center", transform=ax.transAxes)
     draw_ratios(ax_ratio, health, colours)
     draw_entropy(ax_ent, last)
     loss = f", loss {last['loss']:.4f}" if last["loss"] is not None else ", loss not finite"

@@ -3,12 +3,20 @@ allocator, and the timings worth keeping between runs.
 
     resolve_device      --device=auto: cuda, else mps, else cpu; a device that is not here is an error
     Distributed         this process's place among the processes torchrun started
-    resolve_dtype       --dtype=auto: bfloat16 autocast where it is faster here, measured
+    resolve_dtype       --dtype=auto: the training dtype for this device (below)
+    check_compile       --compile where torch.compile works
     keep_freed_memory   glibc keeps what a CPU step frees for the next step
     read_cache, write_cache   timings per machine in ~/.cache/chargpt/ (decode and training dtypes)
 
-The training dtype, --dtype=auto:
-    CUDA   bfloat16 where the GPU has it, else float32
+The training dtype, --dtype=auto, decided from the hardware and said in the run's first lines:
+    CUDA   by the GPU's compute capability. 8.0 and up (Ampere: A100, RTX 30xx; Hopper:
+           H100): bfloat16 autocast, and TF32 for the matrix products left in float32.
+           7.x (Volta's V100, Turing's T4 and RTX 20xx): float16 autocast with loss scaling
+           (chargpt/optim.py's LossScaler); their tensor cores multiply float16 at full speed
+           and have no bfloat16, which PyTorch emulates there, slowly, though
+           torch.cuda.is_bf16_supported() says True (pytorch PR #148322). Below 7.0 (no
+           tensor cores): float32.
+    MPS    float32: no faster choice has been measured there and shown to compute the same.
     CPU    float32 where the CPU has no bfloat16 units (AVX512-BF16 or AMX): there PyTorch
            emulates bf16 matrix products, about 100x slower than float32 (measured on an
            AVX2 EPYC). Where it has them, whether autocast pays depends on the machine and
@@ -16,12 +24,17 @@ The training dtype, --dtype=auto:
            without AMX multiplies bf16 no faster than float32 (a 2-core Xeon here: 588
            against 340 ms per step of the 30-minute recipe). So auto times a few training
            steps of this model in both and takes the faster.
-    other  float32
-The timing runs forward and backward on a copy of the model, in a forked random state, so
-the run itself is untouched: the run's batch shape, cut to at most MAX_ROWS tokens (enough
-for the matrix products to run at full speed), one warm-up step per dtype, then ROUNDS
-rounds of one step each, interleaved, best round kept. The result is cached per machine and
-model shape, so only the first run of a recipe on a machine pays for it.
+The CPU's timing runs forward and backward on a copy of the model, in a forked random
+state, so the run itself is untouched: the run's batch shape, cut to at most MAX_ROWS
+tokens (enough for the matrix products to run at full speed), one warm-up step per dtype,
+then ROUNDS rounds of one step each, interleaved, best round kept. The result is cached per
+machine and model shape, so only the first run of a recipe on a machine pays for it.
+
+--dtype=float32, bfloat16 or float16 asks for one dtype (float32 is then IEEE float32, no
+TF32, on any GPU). Refused: bfloat16 on a GPU below 8.0 (emulated), float16 on MPS (PyTorch's
+GradScaler has crashed there, pytorch#142397), and --compile on MPS (torch.compile has
+failed there: nanoGPT#150, #542). float16 runs on a CPU too, slowly: that is how the tests
+train it.
 
 The allocator: every CPU step allocates and frees the same activations again, many of them
 about a megabyte. glibc's malloc gives freed memory at the top of its heap back to the
@@ -140,6 +153,7 @@ def init_distributed(device):
 
 ROUNDS = 3
 MAX_ROWS = 4096  # tokens per timed step
+MARGIN = 0.9  # a faster dtype is taken only where it takes less than this fraction of the simpler one's time
 DTYPE_CACHE = "train_dtype"
 
 
@@ -151,44 +165,123 @@ def cpu_has_bf16_units():
 
 
 def autocast_context(device_type, dtype):
-    """Mixed precision: matmuls in bf16, weights, softmax and loss in float32."""
-    if dtype == "bfloat16":
-        return torch.autocast(device_type=device_type, dtype=torch.bfloat16)
+    """Mixed precision: matrix products in bfloat16 or float16; weights, softmax and loss in float32."""
+    if dtype in ("bfloat16", "float16"):
+        return torch.autocast(device_type=device_type, dtype=getattr(torch, dtype))
     return contextlib.nullcontext()
 
 
+DTYPES = ("float32", "bfloat16", "float16")
+# the compute capability from which NVIDIA GPUs have bfloat16 tensor cores (Ampere), and float16 ones (Volta)
+BF16_CAPABILITY, FP16_CAPABILITY = (8, 0), (7, 0)
+
+
+def gpu(device="cuda"):
+    """(name, compute capability as (major, minor)) of a CUDA device; the tests fake it."""
+    return torch.cuda.get_device_name(device), tuple(torch.cuda.get_device_capability(device))
+
+
+def gpu_has_bf16(device="cuda"):
+    """True where the GPU multiplies bfloat16 on its tensor cores, not emulated."""
+    return gpu(device)[1] >= BF16_CAPABILITY
+
+
+def describe_gpu(device="cuda"):
+    name, (major, minor) = gpu(device)
+    return f"{name} (compute capability {major}.{minor})"
+
+
 def training_dtype(name, device, model, batch_shape, ddp, log=None):
-    """resolve_dtype's choice for this run; with several processes rank 0's, so that they all compute alike."""
+    """resolve_dtype's choice for this run (with several processes rank 0's, so that they all
+    compute alike), after refusing a dtype this device should not train in. On a GPU with
+    bfloat16 the float32 matrix products left over run in TF32, unless --dtype=float32."""
     device_type = device.split(":")[0]
-    if name == "bfloat16" and device_type == "cuda" and not torch.cuda.is_bf16_supported():
-        raise ValueError("--dtype=bfloat16 but this GPU has no bfloat16 (use --dtype=float32)")
-    dtype = resolve_dtype(name, device_type, model, batch_shape, log)
+    if name == "bfloat16" and device_type == "cuda" and not gpu_has_bf16(device):
+        raise ValueError(
+            f"--dtype=bfloat16 but {describe_gpu(device)} has no bfloat16 units (8.0 and up): "
+            "PyTorch would emulate it, slowly (use --dtype=float16 or auto)"
+        )
+    if name == "float16" and device_type == "mps":
+        raise ValueError(
+            "--dtype=float16 is not offered on MPS: it needs loss scaling, and PyTorch's GradScaler "
+            "has crashed there (pytorch#142397); use --dtype=float32"
+        )
+    dtype = resolve_dtype(name, device, model, batch_shape, log)
     if ddp.world_size > 1:
-        dtype = ("float32", "bfloat16")[int(ddp.from_master([float(dtype == "bfloat16")], device)[0])]
+        dtype = DTYPES[int(ddp.from_master([float(DTYPES.index(dtype))], device)[0])]
+    if device_type == "cuda" and name != "float32" and gpu_has_bf16(device):
+        # TF32 for float32 matmuls (Muon's, generation's); this call sets the CUDA and CPU
+        # backends together (mixing it with the per-backend flags is an error in torch 2.9+)
+        torch.set_float32_matmul_precision("high")
     return dtype
 
 
-def resolve_dtype(name, device_type, model=None, batch_shape=None, log=None):
-    """'float32' or 'bfloat16' for --dtype=name. For 'auto' on a CPU with bf16 units the two
-    are timed on model (B, T) = batch_shape, unless the cache knows the answer; without a
-    model to time, such a CPU gets float32 (the safe choice: never slower by much)."""
+def resolve_dtype(name, device, model=None, batch_shape=None, log=None):
+    """'float32', 'bfloat16' or 'float16' for --dtype=name on device ('cpu', 'cuda', 'cuda:1',
+    'mps'). auto follows the rule in the module docstring and says why in log: on a GPU from
+    its compute capability; on a CPU with bf16 units float32 and bfloat16 are timed on model
+    (B, T) = batch_shape, unless the cache knows the answer, and without a model to time such
+    a CPU gets float32 (the safe choice: never slower by much)."""
     if name != "auto":
         return name
+    log = log or (lambda message: None)
+    device_type = device.split(":")[0]
     if device_type == "cuda":
-        return "bfloat16" if torch.cuda.is_bf16_supported() else "float32"
+        dtype, why = cuda_dtype(gpu(device)[1])
+        log(f"dtype auto: {describe_gpu(device)}: {why}")
+        return dtype
+    if device_type == "mps":
+        log("dtype auto: float32 on MPS (no faster dtype has been measured there and shown to compute the same)")
+        return "float32"
     if device_type != "cpu" or not cpu_has_bf16_units() or model is None:
         return "float32"
+    return timed_cpu_dtype(model, batch_shape, log)
+
+
+def timed_cpu_dtype(model, batch_shape, log=None):
+    """float32 or bfloat16 on a CPU with bf16 units, from a timing of this model kept in the
+    cache. bfloat16 only where its step takes less than MARGIN of float32's: within the
+    margin the simpler float32 stays, so the noise of one timing cannot flip the choice. A
+    timing taken while other programs were busy on the machine is used, and taken again by
+    the next run on a quieter machine."""
     key = f"{machine()} | {json.dumps(dict(sorted(vars(model.config).items())))} | batch {tuple(batch_shape)}"
     times = read_cache(DTYPE_CACHE).get(key)
-    if not (isinstance(times, dict) and set(times) == {"float32", "bfloat16"}):
-        times = time_dtypes(model, batch_shape)
+    valid = isinstance(times, dict) and all(isinstance(times.get(d), float) for d in ("float32", "bfloat16"))
+    if not valid or (times.get("busy") and not machine_busy()):
+        busy = machine_busy()
+        times = {**time_dtypes(model, batch_shape), "busy": busy, "when": round(time.time())}
         write_cache(DTYPE_CACHE, key, times)
         if log:
             log(
                 f"dtype auto: a training step here takes {times['float32'] * 1000:.0f} ms in float32, "
-                f"{times['bfloat16'] * 1000:.0f} ms with bfloat16 autocast (timed once, cached)"
+                f"{times['bfloat16'] * 1000:.0f} ms with bfloat16 autocast{' (timed on a busy machine)' if busy else ''}; "
+                f"kept in {cache_path(DTYPE_CACHE)} (delete it to time again)"
             )
-    return min(times, key=times.get)
+    return "bfloat16" if times["bfloat16"] < MARGIN * times["float32"] else "float32"
+
+
+def machine_busy():
+    """Whether other programs keep the cores busy now: the load average of the last minute
+    over half the cores this process uses (a laptop playing a video, another training run)."""
+    try:
+        return os.getloadavg()[0] > 0.5 * torch.get_num_threads()
+    except OSError:  # not every system has a load average
+        return False
+
+
+def cuda_dtype(capability):
+    """(dtype, why) for a GPU of this compute capability (major, minor)."""
+    if capability >= BF16_CAPABILITY:
+        return "bfloat16", "bfloat16 autocast, and TF32 for the matrix products left in float32"
+    if capability >= FP16_CAPABILITY:
+        return "float16", "float16 autocast with loss scaling (no bfloat16 units before 8.0; PyTorch would emulate it)"
+    return "float32", "float32 (no tensor cores before 7.0)"
+
+
+def check_compile(compile, device):
+    """Refuse --compile where torch.compile has failed: MPS (nanoGPT#150, #542)."""
+    if compile and device.split(":")[0] == "mps":
+        raise ValueError("--compile=True on MPS: torch.compile has failed there (nanoGPT#150, #542); run without it")
 
 
 def time_dtypes(model, batch_shape):

@@ -30,6 +30,7 @@ import os
 import torch
 
 FLOAT = 4  # bytes of a float32
+HALF = ("bfloat16", "float16")  # the autocast dtypes: 2 bytes
 # what a run takes besides its tensors: PyTorch's kernels and thread pools on the first
 # steps, matplotlib for loss.png; measured 99-105 MiB on a model of a few kB (bench.py memory)
 RUNTIME_BYTES = 100 * 2**20
@@ -83,7 +84,7 @@ def block_bytes_per_token(model_config, dtype="float32"):
     """Bytes that autograd saves per token in one Block for its backward (see the module
     docstring); a test counts them against what autograd really keeps."""
     c, C, m = model_config, model_config.n_embd, model_config.ffwd_mult
-    act = 2 if dtype == "bfloat16" else FLOAT  # the bytes of what the matrix products save
+    act = 2 if dtype in HALF else FLOAT  # the bytes of what the matrix products save
     branches = 2 if m else 1  # attention, and FeedForward unless ffwd_mult is 0
     # each branch's LayerNorm keeps its input, the residual stream (float32; without residual
     # connections the stream is the last branch's output, in the compute dtype), and a mean
@@ -119,8 +120,8 @@ def training_bytes(model_config, batch_size, optimizer="adamw", dtype="float32",
         state += params * FLOAT * 2  # AdamW's two moments
     if world_size > 1:
         state += params * FLOAT  # DDP's gradient buckets
-    if dtype == "bfloat16":
-        state += params * 2  # autocast keeps a bfloat16 copy of each weight for the step
+    if dtype in HALF:
+        state += params * 2  # autocast keeps a 16-bit copy of each weight for the step
 
     tokens, C, V = batch_size * c.block_size, c.n_embd, c.vocab_size
     if c.model_type == "bigram":

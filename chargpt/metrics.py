@@ -39,6 +39,8 @@ import time
 from chargpt.atomic import write_atomic
 
 LIVE_UPDATE_SECONDS = 0.2  # how often the terminal line is redrawn, at most
+PLOT_SECONDS = 10.0
+FEW_STEPS = 0.75  # a budget that buys fewer than this fraction of max_iters says so at the end  # how often loss.png is redrawn, at most, before the last eval
 
 
 def format_duration(seconds):
@@ -79,42 +81,63 @@ def import_matplotlib():
     return Figure
 
 
+def step_losses(records):
+    """(steps, losses) of every training step the records hold: each "train" record carries
+    the losses of the steps since the one before ("losses"); older files kept only the
+    logged step's ("loss")."""
+    steps, losses = [], []
+    for r in records:
+        if r.get("type") != "train":
+            continue
+        batch = r.get("losses") or [r["loss"]]
+        steps += range(r["iter"] - len(batch) + 1, r["iter"] + 1)
+        losses += batch
+    return steps, losses
+
+
+def smooth(values, span):
+    """The mean of each value's neighbourhood, about span values wide, centred on it and
+    narrower near the ends (at the first and last value, the value itself): the curve a
+    learner reads through the noise of one-batch losses, without the lag of a running
+    average where the loss falls fast."""
+    sums = [0.0]
+    for v in values:
+        sums.append(sums[-1] + v)
+    n, half = len(values), span // 2
+    out = []
+    for i in range(n):
+        w = min(half, i, n - 1 - i)
+        out.append((sums[i + w + 1] - sums[i - w]) / (2 * w + 1))
+    return out
+
+
 def plot_losses(records, path, title=""):
-    """Draw train and val loss against the step into path (PNG); False when matplotlib is absent."""
+    """Draw the loss curves into path (PNG): the train loss at every step, smoothed over the
+    noise of single batches, and the eval estimates of train and val loss with the best
+    val marked. False when matplotlib is absent."""
     Figure = import_matplotlib()
     if Figure is None:
         return False
-    train = [r for r in records if r.get("type") == "train"]
+    steps, losses = step_losses(records)
     evals = [r for r in records if r.get("type") == "eval"]
     fig = Figure(figsize=(8, 4.5), layout="constrained")
     ax = fig.subplots()
-    if train:
-        ax.plot(
-            [r["iter"] for r in train],
-            [r["loss"] for r in train],
-            color="tab:blue",
-            alpha=0.35,
-            lw=1,
-            label="train loss (one batch)",
-        )
+    if steps:
+        ax.plot(steps, losses, color="tab:blue", alpha=0.2, lw=0.8, label="train loss, one batch a step")
+        span = max(5, len(losses) // 25)
+        ax.plot(steps, smooth(losses, span), color="tab:blue", lw=1.8, label=f"train loss, mean of ~{span} steps")
     if evals:
-        steps = [r["iter"] for r in evals]
-        ax.plot(steps, [r["train_loss"] for r in evals], "o-", color="tab:blue", ms=3, label="train loss (eval)")
-        ax.plot(steps, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=3, label="val loss (eval)")
+        at = [r["iter"] for r in evals]
+        ax.plot(at, [r["train_loss"] for r in evals], "o", color="tab:blue", ms=4, label="train loss (eval)")
+        ax.plot(at, [r["val_loss"] for r in evals], "o-", color="tab:orange", ms=4, label="val loss (eval)")
         best = min(evals, key=lambda r: r["val_loss"])
-        ax.plot(
-            [best["iter"]],
-            [best["val_loss"]],
-            "*",
-            color="tab:red",
-            ms=14,
-            label=f"best val {best['val_loss']:.4f} at {best['iter']}",
-        )
-    ax.set_xlabel("iteration")
+        label = f"best val {best['val_loss']:.4f} at {best['iter']}"
+        ax.plot([best["iter"]], [best["val_loss"]], "*", color="tab:red", ms=14, label=label)
+    ax.set_xlabel("step")
     ax.set_ylabel("loss (nats per character)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    if train or evals:
+    if steps or evals:
         ax.legend(loc="upper right")  # "best" searches the curves and warns that it is slow
     # whole or not at all, so a viewer never sees half a PNG
     write_atomic(path, lambda f: fig.savefig(f, format="png", dpi=100), durable=False)
@@ -167,6 +190,7 @@ class Reporter:
         self.t_start = time.time() if t_start is None else t_start  # elapsed counts from here
         self.t_loop = time.time()  # the pace of the steps (ETA, tokens/s) counts from here, after the start-up
         self.live_showing, self.plot_note_given = False, False
+        self.t_plot = self.t_loop  # the first drawing waits PLOT_SECONDS, or the last eval
         self.t_mark, self.iter_mark = self.t_loop, start_iter  # where the live line's tokens/s counts from
         self.t_last, self.iter_last = self.t_loop, start_iter  # where the logged ms/iter counts from
 
@@ -177,14 +201,15 @@ class Reporter:
         return self.elapsed_before + time.time() - self.t_start
 
     def eta(self, iter_num):
-        """Seconds to max_iters at this run's pace so far (eval time included), or None before a
-        step; with a time budget, the seconds left in it."""
-        if self.time_budget:
-            return max(0.0, self.time_budget - self.elapsed())
+        """Seconds to the end of the run at its pace so far (eval time included): to max_iters,
+        or with a time budget to whichever of it and the budget's end comes first. None
+        before the first step of a run without a budget."""
         done = iter_num - self.start_iter
-        if done <= 0:
-            return None
-        return (time.time() - self.t_loop) / done * (self.max_iters - iter_num)
+        to_max_iters = (time.time() - self.t_loop) / done * (self.max_iters - iter_num) if done > 0 else None
+        if not self.time_budget:
+            return to_max_iters
+        left = max(0.0, self.time_budget - self.elapsed())
+        return left if to_max_iters is None else min(left, to_max_iters)
 
     def _times(self, iter_num):
         eta = self.eta(iter_num)
@@ -221,15 +246,16 @@ class Reporter:
         tokens_per_s = self.tokens_per_iter * (iter_num - self.iter_mark) / max(now - self.t_mark, 1e-9)
         self.t_mark, self.iter_mark = now, iter_num
         line = (
-            f"iter {iter_num}{'' if self.time_budget else f'/{self.max_iters}'} | loss {loss:.4f} | lr {lr:.2e} | "
+            f"iter {iter_num}/{self.max_iters} | loss {loss:.4f} | lr {lr:.2e} | "
             f"{tokens_per_s:,.0f} tokens/s | {self._times(iter_num).replace(', ', ' | ')}"
         )
         self.live.write("\r" + line + "\x1b[K")  # \x1b[K clears what a longer line left behind
         self.live.flush()
         self.live_showing = True
 
-    def train_step(self, iter_num, loss, lr, flops_per_iter):
-        """Every log_interval steps: a metrics entry, and the plain line where there is no terminal."""
+    def train_step(self, iter_num, loss, lr, flops_per_iter, losses=()):
+        """Every log_interval steps: a metrics entry, and the plain line where there is no
+        terminal. losses: this process's loss at every step since the last entry."""
         now = time.time()
         dt = (now - self.t_last) / max(1, iter_num - self.iter_last)  # per step since the last line or eval
         self.t_last, self.iter_last = now, iter_num
@@ -240,6 +266,7 @@ class Reporter:
                 "type": "train",
                 "iter": iter_num,
                 "loss": loss,
+                "losses": [round(v, 4) for v in losses],
                 "lr": lr,
                 "ms_per_iter": dt * 1000,
                 "tokens_per_s": tokens_per_s,
@@ -253,8 +280,10 @@ class Reporter:
                 f"{tokens_per_s:,.0f} tokens/s, {flops_per_iter / dt / 1e12:.3f} TFLOP/s, {self._times(iter_num)}"
             )
 
-    def eval(self, iter_num, losses, best_val_loss, sample=None):
-        """After an eval: its metrics entry, the sample printed below it, and a new loss.png."""
+    def eval(self, iter_num, losses, best_val_loss, sample=None, last=False):
+        """After an eval: its metrics entry, the sample printed below it, and loss.png: redrawn
+        at the last eval, and before it at most every PLOT_SECONDS (a drawing costs about
+        0.1 s, a tenth of a second-long step budget's eval)."""
         self._write(
             {
                 "type": "eval",
@@ -267,21 +296,40 @@ class Reporter:
         )
         if sample:
             self.log("\n".join("  " + line for line in sample.lstrip("\n").splitlines()))
-        if not plot_losses(self.records, self.plot_path, self.title) and not self.plot_note_given:
-            self.log("note: matplotlib is not installed, so there is no loss.png (pip install matplotlib)")
-            self.plot_note_given = True
+        if last or time.time() - self.t_plot >= PLOT_SECONDS:
+            self.t_plot = time.time()
+            if not plot_losses(self.records, self.plot_path, self.title) and not self.plot_note_given:
+                self.log("note: matplotlib is not installed, so there is no loss.png (pip install matplotlib)")
+                self.plot_note_given = True
         # the time of the eval is not step time: tokens/s and ms/iter count from here
         self.t_mark = self.t_last = time.time()
         self.iter_mark = self.iter_last = iter_num
 
     def done(self, iter_num, best_val_loss):
         """The run's last line and metrics entry: the steps it took (or its time budget
-        bought) and the time, from the start of the first part of a resumed run."""
+        bought) and the time, from the start of the first part of a resumed run. A budget
+        that bought far fewer steps than the run's max_iters says so, with the way on."""
         minutes = self.time_budget / 60 if self.time_budget else None
         record = self._write({"type": "done", "iter": iter_num, "best_val_loss": best_val_loss, "time_budget": minutes})
-        elapsed, spent = record["elapsed"], f"budget of {minutes:g} min spent: " if minutes else ""
-        over = f" ({elapsed - self.time_budget:.1f}s over it)" if minutes and elapsed > self.time_budget else ""
+        elapsed = record["elapsed"]
+        by_budget = minutes is not None and iter_num < self.max_iters
+        spent = f"budget of {minutes:g} min spent: " if by_budget else ""
+        over = f" ({elapsed - self.time_budget:.1f}s over it)" if by_budget and elapsed > self.time_budget + 0.05 else ""
         self.log(f"done: {spent}{iter_num:,} steps in {elapsed:.1f}s{over}, best val loss {best_val_loss:.4f}")
+        if by_budget and iter_num < FEW_STEPS * self.max_iters:
+            self.log(self.few_steps_note(iter_num, minutes, elapsed))
+
+    def few_steps_note(self, iter_num, minutes, elapsed):
+        steps = iter_num - self.start_iter
+        pace = (time.time() - self.t_loop) / steps if steps > 0 else None
+        at = f" at {pace * 1000:,.0f} ms a step here" if pace else ""
+        need = f" (about {format_duration(elapsed + pace * (self.max_iters - iter_num))} here)" if pace else ""
+        more = max(minutes * 2, (elapsed + pace * (self.max_iters - iter_num)) / 60 * 1.1) if pace else minutes * 4
+        return (
+            f"note: the {minutes:g}-minute budget bought {iter_num:,} of the {self.max_iters:,} steps this run plans{at}, "
+            f"so the model is undertrained (a busy or slow machine?): for all of them, --time_budget={more:.2g} "
+            f"or --time_budget=0{need}; --init_from=resume goes on from here"
+        )
 
     def __enter__(self):
         return self

@@ -1,12 +1,22 @@
 """How the weights learn: which parameters take which update, and one optimizer step.
 
     optimizer = make_optimizer(model, config, device_type)   # AdamW, or Muon + AdamW (chargpt/muon.py)
-    loss = train_step(model, optimizer, batches, config, ctx, device)
+    scaler = LossScaler(device_type, log) if dtype == "float16" else None
+    loss = train_step(model, optimizer, batches, config, ctx, device, scaler=scaler)
 
 train_step is the lecture's forward, backward and step, with what a real run adds: the
 gradients of several micro-batches added up before one step (gradient_accumulation_steps),
-DDP's averaging over processes on the last of them only, and the gradient norm clipped.
-bench.py times exactly this step.
+DDP's averaging over processes on the last of them only, the gradient norm clipped, and in
+float16 the loss scaled. bench.py times exactly this step.
+
+Loss scaling: float16 holds numbers up to 65504, and gradients below about 6e-8 become 0
+(below 6e-5 they lose precision), so small gradients of a float16 backward vanish. The loss is
+multiplied by a large scale before backward, and the gradients divided by it again before
+they are clipped and stepped with. A step whose gradients overflowed (inf or nan) is
+skipped and the scale halved; after 2000 good steps in a row it is doubled. This is
+torch.amp.GradScaler; LossScaler adds the count of skipped steps and a log line for each.
+Its state (the scale, the good steps so far, the count) is in the checkpoint, so a resumed
+run scales as the uninterrupted one would.
 """
 
 import contextlib
@@ -50,9 +60,40 @@ def make_optimizer(model, config, device_type, fused=True):
     return torch.optim.AdamW(groups, lr=config.learning_rate, betas=(config.beta1, config.beta2), fused=fused or None)
 
 
-def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, watch=None):
+class LossScaler(torch.amp.GradScaler):
+    """torch.amp.GradScaler for float16 training (see the module docstring), which counts the
+    steps it skips and says so in log. Reading the scale back to notice a skipped step costs
+    one device sync per step, on the float16 path only."""
+
+    def __init__(self, device_type, log=None, **kwargs):
+        super().__init__(device_type, **kwargs)
+        self.skipped = 0
+        self.log = log or (lambda message: None)
+
+    def update(self):
+        before = self.get_scale()
+        super().update()
+        after = self.get_scale()
+        if after < before:  # the scale only falls when this step found an inf or nan gradient
+            self.skipped += 1
+            self.log(
+                f"float16: a gradient overflowed, so the step was skipped and the loss scale lowered "
+                f"from {before:g} to {after:g} ({self.skipped} skipped so far)"
+            )
+
+    def state_dict(self):
+        return {**super().state_dict(), "skipped": self.skipped}
+
+    def load_state_dict(self, state_dict):
+        state_dict = dict(state_dict)
+        self.skipped = int(state_dict.pop("skipped", 0))
+        super().load_state_dict(state_dict)
+
+
+def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, scaler=None, watch=None):
     """One optimizer step over gradient_accumulation_steps micro-batches; returns the last
-    micro-batch's loss (divided by the number of micro-steps), without a device sync.
+    micro-batch's loss (divided by the number of micro-steps, not scaled), without a device
+    sync. With a scaler (float16) the step may be skipped: scaler.skipped counts those.
     watch: at a health step, chargpt/health.py's Watch, which reads the gradients and the
     weights on either side of the update."""
     ddp = ddp or Distributed()
@@ -65,12 +106,18 @@ def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, wa
             with ctx:
                 _, loss = step_model(x, y)
                 loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
-            loss.backward()
-    if watch is not None:
-        watch.before_update()  # the gradients as backward left them, before clipping
+            (loss if scaler is None else scaler.scale(loss)).backward()
+    if scaler is not None:
+        scaler.unscale_(optimizer)  # the true gradients, before clipping measures them
+    if watch is not None:  # the gradients as backward left them (unscaled), before clipping
+        watch.before_update(1.0 if scaler is None else scaler.get_scale())
     if config.grad_clip > 0:
         torch.nn.utils.clip_grad_norm_(step_model.parameters(), config.grad_clip)
-    optimizer.step()
+    if scaler is None:
+        optimizer.step()
+    else:
+        scaler.step(optimizer)  # skipped when a gradient is inf or nan
+        scaler.update()
     if watch is not None:
         watch.after_update()
     optimizer.zero_grad(set_to_none=True)

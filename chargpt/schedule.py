@@ -1,16 +1,20 @@
 """How far a training run is, and the learning rate there. Used by train.py.
 
-A run is measured in steps (max_iters) or in wall time (time_budget, minutes). Either way
-its progress p goes from 0 to 1 and the learning rate is a function of p, so the same
-schedule fits a 20-second run and a 15-minute one:
+A run stops at max_iters steps or, with a time_budget (minutes), when the budget is spent,
+whichever comes first. Either way its progress p goes from 0 to 1 and the learning rate is
+a function of p, so the same schedule fits a 20-second run and a 15-minute one:
 
-    step runs     p = (it - warmup_iters) / (lr_decay_iters - warmup_iters), lr_decay_iters
+    steps         p = (it - warmup_iters) / (lr_decay_iters - warmup_iters), lr_decay_iters
                   defaulting to max_iters: the fraction of the steps after warmup
-    budget runs   p = elapsed / (time_budget - what the end of the run needs): the fraction
+    time          p = elapsed / (time_budget - what the end of the run needs): the fraction
                   of the wall time for steps spent, counted from the start of train() and
                   across resumes, so that the last step is at the end of the schedule and
                   the final eval, checkpoint and sample come after it (warmup is a few
                   seconds of the budget, so it is not taken out)
+
+With a budget p is the larger of the two: the schedule follows whichever limit is nearer,
+so it ends where the run ends. On a quiet machine that reaches max_iters before the budget
+the steps lead throughout, and the run is the same as without the budget.
 
 lr_schedule picks the shape over p (after warmup):
     cosine  from learning_rate down to min_lr along half a cosine (the default)
@@ -137,12 +141,13 @@ class RunProgress:
         """(p, last): the progress at step it after elapsed seconds, and whether the run ends
         here (with its final eval) instead of taking another step. eval_due: an eval is due
         at this step anyway."""
+        p_steps, at_max_iters = step_progress(it, self.config), it >= self.config.max_iters
         if not self.budget:
-            return step_progress(it, self.config), it >= self.config.max_iters
+            return p_steps, at_max_iters
         # the steps end where the time for the end of the run begins: the schedule ends there
         steps_end = self.budget - self.final_seconds()
-        p = 1.0 if steps_end <= 0 else min(1.0, elapsed / steps_end)
-        return p, self.out_of_time(elapsed, eval_due)
+        p_time = 1.0 if steps_end <= 0 else min(1.0, elapsed / steps_end)
+        return max(p_steps, p_time), at_max_iters or self.out_of_time(elapsed, eval_due)
 
     def out_of_time(self, elapsed, eval_due=False):
         """With a budget: whether the eval due now, one more step and the end of the run

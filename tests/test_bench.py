@@ -4,8 +4,12 @@ import os
 import subprocess
 import sys
 
+import pytest
+import torch
+
+import bench as bench_py
 import train
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, tiny_flags
 
 
 def bench(*args):
@@ -80,3 +84,62 @@ def test_bench_sample_and_loss(data_dir, tmp_path):
     )
     assert again.returncode == 1 and again.stderr.startswith("bench.py: error: --out_dir"), again.stderr
     assert "--overwrite=True" in again.stderr
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="this machine has a GPU")
+def test_bench_gpu_without_a_gpu_says_so_in_one_line():
+    result = subprocess.run([sys.executable, os.path.join(ROOT, "bench.py"), "gpu"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("bench.py: error: no CUDA GPU here: PyTorch "), (
+        result.stderr
+    )
+
+
+def test_the_peak_flops_of_a_gpu_by_its_name():
+    assert bench_py.peak_tflops("NVIDIA A100-SXM4-80GB") == 312
+    assert bench_py.peak_tflops("NVIDIA H100 80GB HBM3") == 989 and bench_py.peak_tflops("NVIDIA H100 PCIe") == 756
+    assert (
+        bench_py.peak_tflops("Tesla T4") == 65
+        and bench_py.peak_tflops("NVIDIA L40S") == 362
+        and bench_py.peak_tflops("NVIDIA L4") == 121
+    )
+    assert bench_py.peak_tflops("NVIDIA A10G") is None and bench_py.peak_tflops("Some New GPU") is None
+
+
+FAKE_TRAIN = """
+import signal, sys, time
+def stop(signum, frame):
+    print("SIGTERM: saved out/ckpt.pt at step 7; continue with --init_from=resume", flush=True)
+    sys.exit(128 + signum)
+signal.signal(signal.SIGTERM, stop)
+print("step 0: train loss 4.17, val loss 4.1744", flush=True)
+print("iter 5: loss 2.1, lr 1e-3, 9.9 ms/iter, 103,063 tokens/s, 0.069 TFLOP/s, elapsed 1s, ETA 1s", flush=True)
+print("step 5: train loss 1.40, val loss 1.4700", flush=True)
+time.sleep(60)
+"""
+
+
+def test_watch_train_reads_the_figures_and_stops_a_run_at_its_cap(tmp_path, capsys):
+    script = tmp_path / "fake_train.py"
+    script.write_text(FAKE_TRAIN)
+    run = bench_py.watch_train([sys.executable, str(script)], lambda line: line.startswith("step "), 3, str(tmp_path / "log"))
+    assert run.stopped and run.steps == 7 and [e[1:] for e in run.evals] == [(0, 4.1744), (5, 1.47)]
+    assert run.first_at(1.48)[1] == 5 and run.first_at(1.4) is None and run.rates == [(103063.0, 0.069)]
+    assert "iter 5" not in capsys.readouterr().out and "iter 5" in (tmp_path / "log").read_text()
+
+
+def test_the_gpu_checks_figures_on_the_cpu(data_dir, tmp_path):
+    """What bench.py gpu reports of a run, taken from a tiny run on the CPU."""
+    out = tmp_path / "o"
+    flags = [*tiny_flags(data_dir, out, max_iters=20, eval_interval=10, sample_chars=0, eval_sample_chars=0)]
+    rows = dict(bench_py.train_figures("tiny", flags, 300, peak=0.001))
+    assert rows["tiny: the whole command"].endswith("s, 20 steps")
+    last, whole = rows["tiny: last val (train.py's estimate / eval.py, whole val split)"].split(" / ")
+    assert 1.0 < float(last) < 4.0 and 1.0 < float(whole) < 4.0
+    assert (
+        "tokens/s" in rows["tiny: speed (median of the logged lines)"]
+        and "% of 0.001 TFLOP/s" in rows["tiny: speed (median of the logged lines)"]
+    )
+    assert rows["tiny: val <= 1.48 first"] == "not reached"
+    sampling = dict(bench_py.sampling_figures(str(out), "cpu", n=30))
+    assert len(sampling) == 3 and all(figure.endswith(" chars/s") for figure in sampling.values())

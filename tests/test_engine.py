@@ -1,11 +1,16 @@
 """The generation engine: the KV cache against the uncached path, narrow decode weights,
 the sampling controls, and the lecture's generate as the reference."""
 
+import os
+import re
+
 import pytest
 import torch
 
+from chargpt import engine, machine
 from chargpt.engine import Decoder, KVCache, prefill, sample_next
 from chargpt.engine import generate as engine_generate
+from conftest import ROOT
 from model import BigramLanguageModel, GPTConfig
 from test_model import tiny
 
@@ -116,6 +121,25 @@ def test_top_p_keeps_the_nucleus():
     assert draws == {0}
 
 
+@pytest.mark.parametrize("temperature", [1e-30, 1e-40, 1e-310, 5e-324])
+def test_a_tiny_temperature_is_near_argmax(temperature):
+    """A temperature that underflows float32 (or makes logits / temperature overflow) still
+    draws the most likely token, not inf - inf = NaN; equal best logits stay a draw."""
+    logits = torch.tensor([[0.1, 2.0, -1.0, 1.9999], [30.0, -50.0, 29.0, 0.0], [1.0, 3.0, 3.0, -2.0]])
+    g = torch.Generator().manual_seed(0)
+    draws = [sample_next(logits, temperature, generator=g).tolist() for _ in range(100)]
+    assert {tuple(d[:2]) for d in draws} == {(1, 0)} and {d[2] for d in draws} == {1, 2}
+    assert sample_next(logits, temperature, top_k=2, top_p=0.5, generator=g).tolist()[:2] == [1, 0]
+
+
+@pytest.mark.parametrize("top_p", [1e-30, 1e-45, 5e-324])
+def test_a_tiny_top_p_keeps_the_most_likely_token(top_p):
+    """top_p under float32's smallest number is 0 there: the most likely token still stays."""
+    probs = torch.tensor([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]])
+    g = torch.Generator().manual_seed(0)
+    assert {tuple(sample_next(probs.log(), 1.0, top_p=top_p, generator=g).tolist()) for _ in range(50)} == {(1, 0)}
+
+
 def test_bigram_generates():
     config = GPTConfig(model_type="bigram", block_size=8, vocab_size=11)
     model = BigramLanguageModel(config)
@@ -139,3 +163,25 @@ def test_an_unknown_module_is_an_error_not_a_wrong_decode():
     model.blocks[0].ln2 = torch.nn.GroupNorm(1, 32)
     with pytest.raises(TypeError, match="cannot run a GroupNorm"):
         Decoder(model)
+
+
+def test_decode_dtype_candidates_by_device(monkeypatch):
+    """auto times float32 only on MPS, and bfloat16 on a GPU only where it is not emulated."""
+    assert engine.candidates(torch.device("mps")) == ["float32"]
+    monkeypatch.setattr(machine, "gpu", lambda device="cuda": ("Tesla T4", (7, 5)))
+    assert engine.candidates(torch.device("cuda")) == ["float32", "float16"]
+    monkeypatch.setattr(machine, "gpu", lambda device="cuda": ("NVIDIA A100-SXM4-40GB", (8, 0)))
+    assert engine.candidates(torch.device("cuda")) == ["float32", "float16", "bfloat16"]
+
+
+def test_every_draw_is_made_on_the_cpu():
+    """MPS's multinomial has drawn wrong samples (pytorch#92752, #136623): every call of it in
+    the project gets CPU probabilities. (There is no MPS here to run it on: the source is read.)"""
+    calls = []
+    for folder in (ROOT, os.path.join(ROOT, "chargpt")):
+        for name in sorted(os.listdir(folder)):
+            if name.endswith(".py"):
+                with open(os.path.join(folder, name), encoding="utf-8") as f:
+                    calls += [(name, line.strip()) for line in f if "torch.multinomial(" in line]
+    assert {name for name, _ in calls} == {"model.py", "engine.py"}, calls
+    assert all(re.search(r"torch\.multinomial\(\w+\.cpu\(\)", line) for _, line in calls), calls

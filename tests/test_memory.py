@@ -93,7 +93,7 @@ def test_what_fits_is_not_refused(monkeypatch):
 
 def saved_bytes(model_config, dtype):
     """Bytes autograd keeps for backward in one training forward of a batch of 3, counted
-    once per storage, without the parameters and their bfloat16 copies (the transposed
+    once per storage, without the parameters and their 16-bit copies (the transposed
     weights autocast saves; 3 x block_size is no weight's dimension)."""
     torch.manual_seed(0)
     model = GPT(model_config).train()
@@ -102,13 +102,13 @@ def saved_bytes(model_config, dtype):
     seen = {}
 
     def pack(t):
-        copy_of_weight = t.dtype == torch.bfloat16 and tuple(t.shape) in weight_shapes
+        copy_of_weight = t.dtype in (torch.bfloat16, torch.float16) and tuple(t.shape) in weight_shapes
         if t.untyped_storage().data_ptr() not in params and not copy_of_weight:
             seen[t.untyped_storage().data_ptr()] = t.untyped_storage().nbytes()
         return t
 
     idx = torch.randint(model_config.vocab_size, (3, model_config.block_size))
-    autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=dtype == "bfloat16")
+    autocast = torch.autocast("cpu", dtype=getattr(torch, dtype), enabled=dtype != "float32")
     with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t), autocast:
         model(idx, idx)
     return sum(seen.values())
@@ -133,7 +133,7 @@ def test_the_parameter_count_is_the_models(variant):
     assert memory.count_params(config) == (sum(p.numel() for _, p in named), sum(p.numel() for n, p in named if takes_muon(n, p)))
 
 
-@pytest.mark.parametrize("dtype", ["float32", "bfloat16"])
+@pytest.mark.parametrize("dtype", ["float32", "bfloat16", "float16"])
 @pytest.mark.parametrize(
     "variant", [{}, {"ffwd_mult": 2}, {"ffwd_mult": 0}, *(v for v in SWITCHES.values() if not {"model_type", "n_layer"} & set(v))]
 )

@@ -6,7 +6,9 @@ import subprocess
 import sys
 
 import pytest
+import torch
 
+import sample as sample_py
 import train
 from conftest import ROOT, tiny_configs
 
@@ -55,6 +57,15 @@ def test_sample_decode_dtypes(trained):
             assert result.stdout == uncached.stdout
 
 
+def test_sample_with_a_temperature_and_top_p_that_underflow_is_greedy(trained):
+    """1e-310 and 5e-324 pass --temperature's and --top_p's checks and are 0 in float32: the
+    text is the greedy one, not a traceback."""
+    flags = [f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=30", "--decode_dtype=float32"]
+    tiny = sample(*flags, "--temperature=1e-310", "--top_p=5e-324")
+    assert tiny.returncode == 0 and tiny.stderr == "", tiny.stderr
+    assert tiny.stdout == sample(*flags, "--temperature=0").stdout
+
+
 def test_sample_batch_and_file_prompt(trained, tmp_path):
     prompt = tmp_path / "p.txt"
     prompt.write_text("KING:\n", encoding="utf-8")
@@ -94,6 +105,13 @@ def test_sample_bad_input(trained, flags, message):
     err = result.stderr.strip()
     assert len(err.splitlines()) == 1 and message in err, err
     assert result.stdout == ""
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_sample_on_mps_without_it_is_one_line(trained):
+    result = sample(f"--out_dir={trained}", "--device=mps")
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == "sample.py: error: --device=mps but MPS is not available here (try --device=cpu)"
 
 
 def test_sample_missing_or_broken_checkpoint(trained, tmp_path):
@@ -184,3 +202,17 @@ def test_help_lists_every_option_with_its_meaning(capsys):
     for f in dataclasses.fields(sample_py.SampleConfig):
         line = next(l for l in out.splitlines() if l.strip().startswith(f"--{f.name}="))
         assert f.metadata["help"] in line
+
+
+def test_the_attention_picture_labels_every_character_and_leaves_the_future_blank(tmp_path):
+    T = 70
+    maps = torch.softmax(torch.randn(2, 2, T, T).masked_fill(torch.ones(T, T).triu(1).bool(), float("-inf")), dim=-1)
+    chars = ("ROMEO: what say you, my lord? " * 3)[:T]
+    fig = sample_py.draw_attention(maps, chars, str(tmp_path / "a.png"))
+    ax = fig.axes[0]
+    assert [t.get_text() for t in ax.get_xticklabels()] == [{" ": "␣"}.get(c, c) for c in chars]
+    image = ax.get_images()[0].get_array()
+    assert image.mask[0, 1] and image.mask[5, 69] and not image.mask[69, 0] and not image.mask[3, 3]
+    # a prompt longer than can be labelled one by one: every k-th, and the title says so
+    fig = sample_py.draw_attention(torch.ones(1, 1, 200, 200) / 200, "x" * 200, str(tmp_path / "b.png"))
+    assert len(fig.axes[0].get_xticklabels()) == 67 and fig.get_suptitle() == "200 characters, one label every 3"

@@ -123,18 +123,24 @@ def test_budget_change_on_resume_is_a_note():
 
 
 def test_budget_progress_line_shows_the_time_left(tmp_path):
+    """The time left: the budget's, or the steps' to max_iters when they will end the run first."""
     lines, terminal = [], io.StringIO()
     start = metrics.time.time() - 5.0
     report = metrics.Reporter(str(tmp_path), lines.append, terminal, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
+    report.t_loop -= 5.0  # 10 steps in 5 s: 5,000 would take 40 minutes, so the budget ends first
     report.show_live(10, 2.5, 1e-3)
     assert re.search(
-        r"^\riter 10 \| loss 2\.5000 \| lr 1\.00e-03 \| \S+ tokens/s \| elapsed 5s \| 5\ds left", terminal.getvalue()
+        r"^\riter 10/5000 \| loss 2\.5000 \| lr 1\.00e-03 \| \S+ tokens/s \| elapsed 5s \| 5\ds left", terminal.getvalue()
     )
     plain = metrics.Reporter(str(tmp_path), lines.append, None, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
+    plain.t_loop -= 5.0
     plain.train_step(20, 2.5, 1e-3, 1e6)
     assert re.search(r"elapsed 5s, 5\ds left$", lines[-1])
+    plain.train_step(4990, 2.5, 1e-3, 1e6)  # 10 steps from max_iters at 1 ms a step: they end first
+    assert re.search(r"elapsed 5s, [0-2]s left$", lines[-1])
     plain.done(20, 2.4)
-    assert lines[-1].startswith("done: budget of 1 min spent: 20 steps in 5.")
+    assert lines[-2].startswith("done: budget of 1 min spent: 20 steps in 5.")
+    assert lines[-1].startswith("note: the 1-minute budget bought 20 of the 5,000 steps this run plans")
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -154,7 +160,8 @@ def budget_run(data_dir, out_dir, monkeypatch, **overrides):
     # the plot's first drawing costs matplotlib's import, a second on a busy machine: not what these tests are about
     monkeypatch.setattr(metrics, "plot_losses", lambda *args: True)
     lines = []
-    kw = dict(time_budget=0.05, max_iters=2, eval_interval=50, eval_iters=2, sample_chars=50, eval_sample_chars=0)
+    # max_iters far away: the budget ends these runs
+    kw = dict(time_budget=0.05, max_iters=100_000, eval_interval=50, eval_iters=2, sample_chars=50, eval_sample_chars=0)
     summary = train.train(*tiny_configs(data_dir, out_dir, **{**kw, **overrides}), log=lines.append)
     return summary, lines
 
@@ -166,13 +173,19 @@ def records(out_dir):
 def test_time_budget_run_stops_within_its_budget(data_dir, tmp_path, monkeypatch):
     out = tmp_path / "o"
     summary, lines = budget_run(data_dir, out, monkeypatch)
-    assert "max_iters=2 is not used" in "\n".join(lines)
+    assert "100,000 steps or 0.05 minutes, whichever comes first" in "\n".join(lines)
     done = records(out)[-1]
     assert done["type"] == "done" and done["time_budget"] == 0.05
-    assert done["iter"] == summary["iter_num"] > 2  # the budget, not max_iters, ended it
+    assert done["iter"] == summary["iter_num"] > 2  # the budget ended it
     assert done["elapsed"] <= 3.0 + SLACK_SECONDS
     assert re.fullmatch(
-        rf"done: budget of 0\.05 min spent: {summary['iter_num']:,} steps in \d+\.\ds.*, best val loss \d\.\d+", lines[-1]
+        rf"done: budget of 0\.05 min spent: {summary['iter_num']:,} steps in \d+\.\ds.*, best val loss \d\.\d+", lines[-2]
+    )
+    # far fewer steps than the run planned: the last line says so, and how to get them
+    assert re.fullmatch(
+        rf"note: the 0\.05-minute budget bought {summary['iter_num']:,} of the 100,000 steps this run plans at [\d,]+ ms a "
+        r"step here, so the model is undertrained .*: for all of them, --time_budget=\S+ or --time_budget=0 \(about .*",
+        lines[-1],
     )
     ckpt = load_checkpoint(str(out / "ckpt.pt"))
     assert ckpt["iter_num"] == summary["iter_num"] and 0 < ckpt["elapsed"] <= done["elapsed"]
@@ -199,7 +212,7 @@ def test_resume_spends_only_the_rest_of_the_budget(data_dir, tmp_path, monkeypat
     t0 = metrics.time.time()
     summary, lines = budget_run(data_dir, out, monkeypatch, init_from="resume", **budget)
     wall = metrics.time.time() - t0
-    assert summary["iter_num"] > 5 and not any("note:" in line for line in lines)
+    assert summary["iter_num"] > 5 and not any("was trained with" in line for line in lines)
     assert wall <= 6.0 - spent + SLACK_SECONDS  # only what was left
     rows = records(out)
     assert [r["type"] for r in rows].count("done") == 1
@@ -207,3 +220,26 @@ def test_resume_spends_only_the_rest_of_the_budget(data_dir, tmp_path, monkeypat
     assert done["iter"] == summary["iter_num"] and spent < done["elapsed"] <= 6.0 + SLACK_SECONDS
     resumed = [r for r in rows if r["type"] == "train" and r["iter"] > 5]
     assert resumed and resumed[0]["elapsed"] > spent  # the clock went on from the checkpoint's time
+
+
+def test_max_iters_ends_a_budget_run_when_it_comes_first(data_dir, tmp_path, monkeypatch):
+    """A flag's max_iters on a recipe with a time budget is obeyed: the run stops at
+    whichever comes first, and the schedule follows the nearer (here the steps, exactly)."""
+    summary, lines = budget_run(data_dir, tmp_path / "o", monkeypatch, time_budget=5.0, max_iters=12, log_interval=1)
+    assert summary["iter_num"] == 12
+    assert lines[-1].startswith("done: 12 steps in ")  # not "budget spent", and no note
+    config, _ = tiny_configs(data_dir, tmp_path / "o", max_iters=12)
+    lrs = [r["lr"] for r in records(tmp_path / "o") if r["type"] == "train"]
+    assert lrs == pytest.approx([get_lr(it, config) for it in range(12)], rel=1e-4)
+
+
+def test_resuming_a_spent_budget_is_refused_with_the_way_on(data_dir, tmp_path, monkeypatch):
+    out = tmp_path / "o"
+    budget_run(data_dir, out, monkeypatch)
+    before = (out / "ckpt.pt").read_bytes()
+    with pytest.raises(ValueError, match=r"--time_budget=0\.05: .*ckpt.pt has spent it .*pass a larger --time_budget"):
+        budget_run(data_dir, out, monkeypatch, init_from="resume")
+    assert (out / "ckpt.pt").read_bytes() == before
+    steps = load_checkpoint(str(out / "ckpt.pt"))["iter_num"]
+    summary, _ = budget_run(data_dir, out, monkeypatch, init_from="resume", time_budget=0.0, max_iters=steps + 3)
+    assert summary["iter_num"] == steps + 3  # without the budget it goes on to max_iters

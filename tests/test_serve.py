@@ -1,10 +1,17 @@
 """serve.py: the playground's API on a tiny trained checkpoint, served in-process on a free
 port, and the page itself driven by a real headless Chromium."""
 
+import contextlib
 import http.client
 import json
+import os
+import select
 import shutil
+import signal
 import socket
+import struct
+import subprocess
+import sys
 import threading
 import time
 
@@ -14,9 +21,10 @@ import torch
 import sample
 import serve
 import train
+from chargpt.config import SampleConfig
+from chargpt.engine import generate_tokens
 from chargpt.metrics import read_records
-from conftest import tiny_configs
-from sample import SampleConfig, generate_tokens
+from conftest import ROOT, tiny_configs
 
 LIMIT = 100_000  # max_new_tokens_limit of the test server: room for a generation that only a disconnect ends
 
@@ -34,11 +42,25 @@ def trained(tmp_path_factory, text):
     return root / "out"
 
 
-def start_server(out_dir, **overrides):
+def start_server(out_dir, log=lambda m: None, accept=True, **overrides):
+    # room for test_concurrent_clients_each_get_their_own_stream's six streams at once
+    overrides = {"max_generations": 8, **overrides}
     config = serve.ServeConfig(out_dir=str(out_dir), device="cpu", max_new_tokens_limit=LIMIT, max_chars=500, **overrides)
-    server = serve.Server(serve.Playground(config, log=lambda m: None))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
+    server = serve.Server(serve.Playground(config, log=log))
+    if accept:
+        threading.Thread(target=server.serve_forever, daemon=True).start()
     return server
+
+
+@contextlib.contextmanager
+def running(out_dir, **overrides):
+    """A server of its own, for a test that changes its limits."""
+    server = start_server(out_dir, **overrides)
+    try:
+        yield server
+    finally:
+        server.shutdown()
+        server.server_close()
 
 
 @pytest.fixture(scope="module")
@@ -73,6 +95,40 @@ def events(server, **body):
     return parsed
 
 
+def request_bytes(method, path, body=b"", host="127.0.0.1", content_type="application/json"):
+    return (
+        f"{method} {path} HTTP/1.1\r\nHost: {host}\r\nContent-Type: {content_type}\r\nContent-Length: {len(body)}\r\n\r\n"
+    ).encode() + body
+
+
+def send_raw(server, data, timeout=60, receive_buffer=None):
+    """A socket connected to the server that has sent data, for what http.client will not send."""
+    client = socket.socket()
+    if receive_buffer:  # set before connecting, so the window the server sees is small from the start
+        client.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, receive_buffer)
+    client.settimeout(timeout)
+    client.connect(("127.0.0.1", server.server_address[1]))
+    client.sendall(data)
+    return client
+
+
+def read_reply(client):
+    """(status, {header: value} with lower-case names, body) of all the server sends before it closes."""
+    with client:
+        reply = client.makefile("rb").read()
+    head, _, body = reply.partition(b"\r\n\r\n")
+    lines = head.decode("latin-1").split("\r\n")
+    headers = {name.strip().lower(): value.strip() for name, value in (line.split(":", 1) for line in lines[1:])}
+    return int(lines[0].split()[1]), headers, body
+
+
+def wait_for(condition, what):
+    deadline = time.time() + 60  # a bound for a stuck server, not a measurement
+    while not condition():
+        assert time.time() < deadline, f"no {what} within a minute"
+        time.sleep(0.02)
+
+
 def streamed_text(server, **body):
     stream = events(server, **body)
     chars = [data["char"] for event, data in stream[:-1]]
@@ -90,7 +146,13 @@ def test_page_and_info(server):
     assert status == 200 and info["model_type"] == "gpt" and info["n_layer"] == 2 and info["n_head"] == 2
     assert info["iter_num"] == 60 and info["params"] == server.playground.model.num_params() > 0
     assert info["block_size"] == 16 and info["vocab"] == server.playground.tokenizer.chars
-    assert info["limits"] == {"max_new_tokens": LIMIT, "max_chars": 500}
+    assert info["limits"] == {
+        "max_new_tokens": LIMIT,
+        "max_chars": 500,
+        "max_generations": 8,
+        "max_connections": 128,
+        "timeout": 10.0,
+    }
 
 
 def test_streamed_text_is_sample_pys(server, trained, capsys):
@@ -106,6 +168,15 @@ def test_streamed_text_is_sample_pys(server, trained, capsys):
     assert sample.main([f"--out_dir={trained}", "--start=KING:", "--device=cpu", "--max_new_tokens=20"]) == 0
     assert capsys.readouterr().out == "KING:" + default + "\n"
     assert streamed_text(server, prompt="KING:", max_new_tokens=0) == ""
+
+
+def test_a_temperature_and_top_p_that_underflow_stream_the_greedy_text(trained):
+    """1e-310 and 5e-324 pass the fields' checks and are 0 in float32: the stream is the greedy
+    text, where it was a RuntimeError from torch.multinomial. (Decoded in float32: float16,
+    bfloat16 and int8 logits tie often enough that a near-argmax draw may pick the other one.)"""
+    with running(trained, decode_dtype="float32") as server:
+        greedy = streamed_text(server, prompt="ROMEO:", max_new_tokens=30, temperature=0)
+        assert streamed_text(server, prompt="ROMEO:", max_new_tokens=30, temperature=1e-310, top_p=5e-324) == greedy
 
 
 def test_attention_rows_sum_to_one_and_match_attention_maps(server):
@@ -175,7 +246,7 @@ def test_attention_of_a_long_text_shows_its_last_block(server):
 )
 def test_bad_input_is_a_4xx_naming_the_field(server, method, path, body, status, field, message):
     raw = body if isinstance(body, bytes) else None
-    got, response, answer = call(server, method, path, body=None if raw else body, raw=raw)
+    got, _, answer = call(server, method, path, body=None if raw else body, raw=raw)
     assert (got, answer["field"]) == (status, field) and answer["error"].startswith(f"{field}: "), answer
     assert message in answer["error"] and "\n" not in answer["error"], answer
     assert call(server, "GET", "/api/info")[0] == 200  # still serving
@@ -326,6 +397,197 @@ def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, text, c
         server.server_close()
 
 
+# -----------------------------------------------------------------------------
+# limits: a few clients cannot stop the server for everyone else
+
+
+def test_a_slow_client_is_answered_408_by_the_timeout_while_others_are_served(trained):
+    with running(trained, timeout=1.0) as server:
+        silent = send_raw(server, b"")  # connects and says nothing
+        half = send_raw(server, b"POST /api/attention HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half its headers
+        short = send_raw(server, request_bytes("POST", "/api/attention", b'{"text": "KING"}')[:-4])  # most of its body
+        for _ in range(3):  # meanwhile, everyone else is served
+            assert call(server, "GET", "/api/info")[0] == 200
+        for client in (silent, half, short):
+            status, _, body = read_reply(client)
+            answer = json.loads(body)
+            assert status == 408 and answer["field"] == "request" and "--timeout=1 seconds" in answer["error"], answer
+        # a byte at a time, each well within the timeout: the whole request is still due by then
+        trickle = send_raw(server, b"G")
+        for byte in b"ET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\nX-Slow: " + b"a" * 300:
+            if select.select([trickle], [], [], 0.1)[0]:
+                break  # answered
+            trickle.sendall(bytes([byte]))
+        else:
+            pytest.fail("a client sending a byte every 0.1 s held its connection for 30 s with --timeout=1")
+        assert read_reply(trickle)[0] == 408
+
+
+def test_a_long_answer_to_a_client_that_reads_steadily_outlasts_the_timeout(trained):
+    """--timeout bounds a client that reads nothing, not a long answer: 8 MB (an attention map of a
+    big model) read at a few MB/s takes longer than the 0.5 s here, and arrives whole."""
+    with running(trained, timeout=0.5) as server:
+        server.playground.info["padding"] = "x" * 8_000_000
+        client = send_raw(server, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n", receive_buffer=65536)
+        reply = bytearray()
+        with client:
+            while chunk := client.recv(65536):
+                reply += chunk
+                time.sleep(0.02)  # at most 3 MB/s: what the kernel's buffers do not hold takes seconds
+        assert json.loads(reply.partition(b"\r\n\r\n")[2])["padding"] == "x" * 8_000_000
+
+
+def test_connections_beyond_max_connections_get_503_at_once_and_a_slot_frees_when_one_leaves(trained):
+    with running(trained, max_connections=2, timeout=60) as server:
+        # two clients that never finish their request hold both threads
+        idle = [send_raw(server, b"GET /api/info HTTP/1.1\r\n") for _ in range(2)]
+        status, headers, body = read_reply(send_raw(server, request_bytes("GET", "/api/info")))
+        answer = json.loads(body)
+        assert status == 503 and headers["retry-after"] == "1" and headers["content-type"].startswith("application/json")
+        assert answer["field"] == "server" and "--max_connections" in answer["error"] and b"\n" not in body
+        idle[0].close()  # one leaves: its thread ends and its place is free for the next
+        wait_for(lambda: call(server, "GET", "/api/info")[0] == 200, "free connection")
+        idle[1].close()
+
+
+def test_a_burst_of_connects_waits_in_the_listen_backlog(trained):
+    """100 connects to a server that is not accepting yet all complete their handshake in the
+    listen backlog (socketserver's default of 5 left the rest resending their SYN a second
+    later, then 3 s later, ...), and each is answered once the server accepts."""
+    server = start_server(trained, accept=False, max_connections=128)
+    accepting = threading.Thread(target=server.serve_forever, daemon=True)
+    try:
+        clients = [send_raw(server, request_bytes("GET", "/api/info"), timeout=10) for _ in range(100)]
+        accepting.start()
+        assert [read_reply(client)[0] for client in clients] == [200] * 100
+    finally:
+        if accepting.ident is None:
+            accepting.start()  # shutdown() waits for serve_forever to return
+        server.shutdown()
+        server.server_close()
+
+
+def test_generations_beyond_max_generations_get_503_and_a_slot_frees_when_a_client_leaves(trained):
+    with running(trained, max_generations=1) as server:
+        playground = server.playground
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += streaming.recv(4096)
+        status, response, answer = call(server, "POST", "/api/generate", {"prompt": "KING:", "max_new_tokens": 5})
+        assert status == 503 and response.getheader("Retry-After") == "1" and answer["field"] == "server"
+        assert "1 generation(s) streaming" in answer["error"] and "--max_generations" in answer["error"]
+        assert call(server, "POST", "/api/attention", {"text": "KING"})[0] == 200  # the rest of the API is not held up
+        streaming.close()  # the client leaves: its generation ends, and its slot is free
+        wait_for(lambda: playground.finished, "end of the first generation")
+        assert playground.finished[-1][2] and len(streamed_text(server, prompt="KING:", max_new_tokens=5)) == 5
+
+
+def test_a_client_that_stops_reading_frees_its_generation_after_the_timeout(trained):
+    with running(trained, max_generations=1, timeout=1.0) as server:
+        playground = server.playground
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+        stalled = send_raw(server, request_bytes("POST", "/api/generate", body), receive_buffer=4096)  # never read
+        wait_for(lambda: playground.finished, "end of the unread generation")
+        generated, asked, left = playground.finished[-1]
+        assert left and 0 < generated < asked
+        assert len(streamed_text(server, prompt="KING:", max_new_tokens=5)) == 5
+        stalled.close()
+
+
+@pytest.mark.parametrize(
+    "method, path, status",
+    [
+        ("PUT", "/api/generate", 405),
+        ("DELETE", "/api/info", 405),
+        ("PATCH", "/api/attention", 405),
+        ("OPTIONS", "/api/generate", 405),
+        ("TRACE", "/", 405),
+        ("BREW", "/api/metrics", 405),
+        ("get", "/api/info", 405),
+        ("PUT", "/api/nothing", 404),
+        ("POST", "/api/info", 405),
+    ],
+)
+def test_unknown_methods_get_the_same_json_error(server, method, path, status):
+    got, response, answer = call(server, method, path, body={"prompt": "KING"})
+    field = "method" if status == 405 else "path"
+    assert (got, answer["field"]) == (status, field) and answer["error"].startswith(f"{field}: "), answer
+    if status == 405:
+        assert f"{method} is not allowed on {path}" in answer["error"]
+        assert response.getheader("Allow") == ("POST" if path in ("/api/generate", "/api/attention") else "GET")
+    assert response.getheader("Access-Control-Allow-Origin") is None  # an OPTIONS preflight allows no other site
+
+
+def test_head_gets_the_headers_of_the_json_error_alone(server):
+    status, headers, body = read_reply(send_raw(server, b"HEAD /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n\r\n"))
+    assert status == 405 and headers["allow"] == "GET" and int(headers["content-length"]) > 0 and body == b""
+
+
+def test_clients_that_leave_before_their_answer_cost_a_log_line_at_most(trained, capfd):
+    lines = []
+    server = start_server(trained, log=lines.append)
+    try:
+        refused = request_bytes("POST", "/api/attention")[:-4] + b"\r\nContent-Length: 2000000\r\n\r\n"
+        for data in [refused, request_bytes("POST", "/api/attention", b"{not json"), b"GET /api/nothing HTTP/1.1\r\n\r\n"] * 30:
+            client = send_raw(server, data)
+            client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # leave with a reset
+            client.close()
+        # every thread has ended (the semaphore counts them)
+        wait_for(lambda: server.connections._value == server.playground.config.max_connections, "end of the requests")
+    finally:
+        server.shutdown()
+        server.server_close()
+    err = capfd.readouterr().err
+    assert "Traceback" not in err and "Exception" not in err, err
+    assert len(lines) <= 90 and all("\n" not in line and len(line) < 200 for line in lines), lines
+
+
+def test_stop_ends_open_streams_between_characters(trained):
+    with running(trained) as server:
+        playground = server.playground
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += streaming.recv(4096)
+        playground.stop()
+        assert playground.running == 0
+        with streaming:
+            received += streaming.makefile("rb").read()
+        assert received.endswith(b'event: error\ndata: {"error": "server: stopped (Ctrl-C)", "field": "server"}\n\n')
+        status, _, answer = call(server, "POST", "/api/generate", {"prompt": "KING:"})
+        assert status == 503 and answer["error"] == "server: stopping (Ctrl-C)"
+
+
+def test_ctrl_c_with_a_stream_open_exits_cleanly(trained):
+    """Python exiting while a generation's thread is inside PyTorch aborted the process
+    ("terminate called without an active exception", exit status -6)."""
+    process = subprocess.Popen(
+        [sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={trained}", "--device=cpu", "--decode_dtype=float32"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        url = process.stdout.readline().split()[2]  # playground at http://127.0.0.1:PORT/
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": 5000}).encode()
+        with socket.create_connection(("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1])), timeout=60) as client:
+            client.sendall(request_bytes("POST", "/api/generate", body))
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += client.recv(4096)
+            process.send_signal(signal.SIGINT)
+            assert process.wait(timeout=60) == 0
+        err = process.stderr.read()
+        assert "generate: stopped (Ctrl-C) after" in err and "terminate" not in err and "Traceback" not in err, err
+    finally:
+        if process.poll() is None:
+            process.kill()
+            process.wait()
+
+
 def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
     def run(*flags):
         code = serve.main(list(flags))
@@ -337,6 +599,10 @@ def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
     assert "--port must be in 0..65535" in run(f"--out_dir={trained}", "--port=70000")
     assert "--decode_dtype must be" in run(f"--out_dir={trained}", "--decode_dtype=int4")
     assert "unknown config key 'colour'" in run("--colour=red")
+    assert "--timeout must be a positive number of seconds, got 0" in run(f"--out_dir={trained}", "--timeout=0")
+    assert "--timeout must be" in run(f"--out_dir={trained}", "--timeout=inf")
+    assert "--max_generations must be at least 1, got 0" in run(f"--out_dir={trained}", "--max_generations=0")
+    assert "--max_connections must be at least 1, got 0" in run(f"--out_dir={trained}", "--max_connections=0")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -386,10 +652,10 @@ def browser():
 
 
 def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
+    driver = browser()  # first: it skips, saying why, where selenium or Chromium is missing
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
-    driver = browser()
     try:
         wait = WebDriverWait(driver, 30)
         driver.get(f"http://127.0.0.1:{server.server_address[1]}/")

@@ -148,7 +148,7 @@ def main_error(capsys, argv):
         (["--eval_sample_chars=-1"], "--eval_sample_chars must be 0 or more"),
         (["--init_from=resume"], "no checkpoint at"),
         (["--init_from=maybe"], "--init_from must be"),
-        (["--dtype=float16"], "--dtype must be"),
+        (["--dtype=float64"], "--dtype must be"),
         (["--optimizer=sgd"], "--optimizer must be 'adamw' or 'muon'"),
         (["--muon_lr=-1"], "--muon_lr must be a finite number >= 0"),
         (["--time_budget=-1"], "--time_budget must be a finite number >= 0, got -1.0"),
@@ -176,6 +176,13 @@ def test_bad_input_is_one_line_and_nonzero(data_dir, tmp_path, capsys, flags, me
     assert code == 1
     assert len(err.splitlines()) == 1 and message.replace("data/", os.path.join(data_dir, "")) in err or message in err, err
     assert not os.path.exists(tmp_path / "o" / "ckpt.pt")
+
+
+@pytest.mark.skipif(torch.backends.mps.is_available(), reason="this machine has MPS")
+def test_device_mps_on_a_machine_without_it_is_one_line(data_dir, tmp_path, capsys):
+    code, err = main_error(capsys, [f"--data_dir={data_dir}", "--dataset=tiny", f"--out_dir={tmp_path / 'o'}", "--device=mps"])
+    assert code == 1 and err == "train.py: error: --device=mps but MPS is not available here (try --device=cpu)"
+    assert not os.path.exists(tmp_path / "o")
 
 
 def test_out_dir_that_is_a_file(data_dir, tmp_path, capsys):
@@ -255,12 +262,32 @@ def test_resume_is_exact_with_either_data_order(data_dir, tmp_path, order):
 
 def test_resume_with_max_iters_below_the_checkpoint_is_refused(data_dir, tmp_path):
     """Resuming a run at step 10 with --max_iters=5 would never stop (the loop ends when the
-    step equals max_iters): it is refused in one line, and the checkpoint stays as it was."""
+    step equals max_iters), and with --max_iters=10 it has nothing to do: both are refused in
+    one line, and the checkpoint stays as it was."""
     run(data_dir, tmp_path / "o", max_iters=10, eval_interval=5, sample_chars=0)
     before = (tmp_path / "o" / "ckpt.pt").read_bytes()
-    with pytest.raises(ValueError, match=r"--max_iters=5 is below step 10, where .*ckpt.pt already is"):
+    with pytest.raises(ValueError, match=r"--max_iters=5: .*ckpt.pt is already past it, at step 10; pass a --max_iters above 10"):
         run(data_dir, tmp_path / "o", init_from="resume", max_iters=5)
+    with pytest.raises(ValueError, match=r"--max_iters=10: .*ckpt.pt is there already: the run finished at step 10"):
+        run(data_dir, tmp_path / "o", init_from="resume", max_iters=10)
     assert (tmp_path / "o" / "ckpt.pt").read_bytes() == before
-    # at the checkpoint's own step there is nothing left to train: it ends at once
-    summary, _ = run(data_dir, tmp_path / "o", init_from="resume", max_iters=10, sample_chars=0)
-    assert summary["iter_num"] == 10
+    summary, _ = run(data_dir, tmp_path / "o", init_from="resume", max_iters=12, sample_chars=0)
+    assert summary["iter_num"] == 12
+
+
+def test_files_a_run_writes_get_the_users_permissions(data_dir, tmp_path):
+    """Checkpoints, loss.png and the token files are written to a temporary file and renamed;
+    they still get the permissions of any file the user makes (0666 less the umask), as
+    config.json always did, not a temporary file's 0600."""
+    from prepare import prepare
+
+    old = os.umask(0o027)
+    try:
+        prepare("hello world, hello there\n" * 50, str(tmp_path / "data" / "t"))
+        run(data_dir, tmp_path / "o", max_iters=4, eval_interval=2, sample_chars=5)
+    finally:
+        os.umask(old)
+    written = [tmp_path / "data" / "t" / n for n in ("train.bin", "val.bin", "meta.json")]
+    written += [tmp_path / "o" / n for n in ("ckpt.pt", "best.pt", "loss.png", "config.json", "metrics.jsonl", "samples.txt")]
+    for path in written:
+        assert oct(path.stat().st_mode & 0o777) == oct(0o640), path
