@@ -113,7 +113,7 @@ def test_two_process_budget_run_stops_together(data_dir, tmp_path):
     step (a process that went on alone would hang the other in its next collective)."""
     out = tmp_path / "ddp"
     stdout = torchrun(flags(data_dir, out, time_budget=0.15, max_iters=100_000, eval_interval=50, sample_chars=20))
-    steps = int(re.search(r"done: budget of 0\.15 min spent: (\d+) steps", stdout).group(1))
+    steps = int(re.search(r"done: budget of 0\.15 min spent: ([\d,]+) steps", stdout).group(1).replace(",", ""))
     assert load_checkpoint(str(out / "ckpt.pt"))["iter_num"] == steps
 
 
