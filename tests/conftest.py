@@ -8,6 +8,10 @@ import pytest
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
+# One thread, in this process (set before torch is imported) and in the scripts the tests
+# start: the tiny models gain nothing from two, and on a busy machine two threads wait for
+# each other at every operation (a 30-step run took 35 s instead of 2 under load).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
 
 from chargpt.config import TrainConfig  # noqa: E402
 from model import GPTConfig  # noqa: E402
