@@ -21,6 +21,8 @@ import torch
 import sample
 import serve
 import train
+from chargpt.atomic import write_atomic
+from chargpt.checkpoint import save_checkpoint
 from chargpt.config import SampleConfig
 from chargpt.engine import generate_tokens
 from chargpt.metrics import read_records
@@ -326,6 +328,117 @@ def test_metrics_are_the_runs_and_follow_the_file(server, trained):
         f.write(json.dumps({"type": "train", "iter": 70, "loss": float("nan"), "time": 0.0}) + "\n")
     status, _, answer = call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})
     assert status == 200 and answer["records"][-1] == {"type": "train", "iter": 70, "loss": None, "time": 0.0}
+
+
+def test_metrics_carry_the_runs_limits_and_no_nan_in_lists(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # one step of a run gone non-finite
+        f.write(json.dumps({"type": "train", "iter": 62, "loss": 1.5, "losses": [1.5, float("nan")], "time": 0.0}) + "\n")
+    with running(out) as server:
+        answer = call(server, "GET", "/api/metrics")[2]
+        assert answer["run"] == {"max_iters": 60, "time_budget": 0.0}  # from the run's config.json
+        assert answer["records"][-1]["losses"] == [1.5, None]  # JSON.parse refuses NaN
+        os.remove(out / "config.json")
+        assert call(server, "GET", "/api/metrics")[2]["run"] is None
+
+
+def write_checkpoint(source, path, iter_num, seed):
+    """A checkpoint like source's, at step iter_num, with other weights (noise added by seed),
+    written as train.py writes one: whole, then renamed into place."""
+    checkpoint = torch.load(source, weights_only=True)
+    noise = torch.Generator().manual_seed(seed)
+    checkpoint["model"] = {
+        k: v + 0.3 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    checkpoint["iter_num"] = iter_num
+    save_checkpoint(checkpoint, str(path))
+
+
+def expected_text(model, tokenizer, prompt, **settings):
+    config = SampleConfig(start=prompt, **settings)
+    return tokenizer.decode([t.item() for t in generate_tokens(model, tokenizer.encode(prompt), config)])
+
+
+def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_model(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    lines = []
+    with running(out, log=lines.append, decode_dtype="float32") as server:
+        status, response, info = call(server, "GET", "/api/info")
+        assert status == 200 and info["iter_num"] == 60 and info["has_model"] and info["notice"] is None
+        etag = response.getheader("ETag")
+        assert call(server, "GET", "/api/info", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
+        old = server.playground.loaded
+        # a stream begins with the old model ...
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": 400, "seed": 5}).encode()
+        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += streaming.recv(4096)
+        # ... and a run writes a better model meanwhile
+        write_checkpoint(out / "best.pt", out / "best.pt", 80, seed=1)
+        status, response, info = call(server, "GET", "/api/info", headers={"If-None-Match": etag})
+        assert status == 200 and info["iter_num"] == 80 and info["checkpoint_id"] != old.info["checkpoint_id"]
+        assert response.getheader("ETag") != etag and lines[-1].startswith(f"new checkpoint: {out / 'best.pt'}: gpt")
+        new = server.playground.loaded
+        with streaming:
+            received += streaming.makefile("rb").read()
+        stream = [json.loads(line[6:]) for line in received.decode().split("\n") if line.startswith("data: ")]
+        settings = {"max_new_tokens": 400, "seed": 5, "decode_dtype": "float32"}
+        assert stream[-1]["text"] == expected_text(old.model, old.tokenizer, "KING:", **settings)
+        # the next generation and attention map are the new model's
+        text = streamed_text(server, prompt="KING:", max_new_tokens=40, seed=5)
+        assert text == expected_text(new.model, new.tokenizer, "KING:", **{**settings, "max_new_tokens": 40})
+        assert text != stream[-1]["text"][:40]
+        weights = torch.tensor(call(server, "POST", "/api/attention", {"text": "KING:"})[2]["weights"], dtype=torch.float64)
+        idx = torch.tensor([new.tokenizer.encode("KING:")])
+        torch.testing.assert_close(weights, new.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+
+
+def test_a_damaged_checkpoint_leaves_the_old_model_serving_and_says_why(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    lines = []
+    with running(out, log=lines.append) as server:
+        whole = (out / "best.pt").read_bytes()
+        write_atomic(str(out / "best.pt"), whole[: len(whole) // 2])  # a copy cut short, say
+        for _ in range(3):  # looked at once: not loaded again at every request
+            info = call(server, "GET", "/api/info")[2]
+            assert info["iter_num"] == 60 and info["has_model"]
+            assert "not a readable checkpoint" in info["notice"] and "still serving" in info["notice"]
+        assert [line for line in lines if line.startswith("not loaded: ")] == [lines[-1]] and "\n" not in lines[-1]
+        assert len(streamed_text(server, prompt="KING:", max_new_tokens=10)) == 10
+        write_checkpoint(out / "ckpt.pt", out / "best.pt", 90, seed=2)  # the next eval writes a whole one
+        info = call(server, "GET", "/api/info")[2]
+        assert info["iter_num"] == 90 and info["notice"] is None
+
+
+def test_a_folder_without_a_checkpoint_yet_is_served_until_one_lands(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "metrics.jsonl", out / "metrics.jsonl")  # a run has begun writing
+    with running(out) as server:
+        status, _, info = call(server, "GET", "/api/info")
+        assert status == 200 and not info["has_model"] and info["checkpoint"] is None and info["vocab"] == ""
+        assert info["notice"] == f"no checkpoint yet in {out}: the run has not reached its first eval"
+        assert info["limits"]["max_chars"] == 500
+        assert call(server, "GET", "/api/metrics")[2]["exists"]
+        for path, body in [("/api/generate", {"prompt": "KING:"}), ("/api/attention", {"text": "KING:"})]:
+            status, response, answer = call(server, "POST", path, body)
+            assert (status, answer["field"]) == (503, "checkpoint") and response.getheader("Retry-After") is None
+            assert answer["error"] == f"checkpoint: {info['notice']}"
+        # bad fields are still named first
+        assert call(server, "POST", "/api/generate", {"prompt": "KING:", "top_p": 2})[2]["field"] == "top_p"
+        shutil.copy(trained / "ckpt.pt", out / ".tmp-ckpt")
+        os.replace(out / ".tmp-ckpt", out / "ckpt.pt")  # the first eval's checkpoint lands
+        info = call(server, "GET", "/api/info")[2]
+        assert info["has_model"] and info["checkpoint"] == str(out / "ckpt.pt") and info["notice"] is None
+        assert len(streamed_text(server, prompt="KING:", max_new_tokens=10)) == 10
+        os.remove(out / "ckpt.pt")  # a new run with --overwrite clears the folder
+        info = call(server, "GET", "/api/info")[2]
+        assert not info["has_model"] and "no checkpoint yet" in info["notice"]
+    assert serve.Playground(serve.ServeConfig(out_dir=str(out), device="cpu")).loaded is None
 
 
 def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text):
