@@ -799,7 +799,10 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         assert [int(s.get_attribute("data-i")) for s in lit] == list(range(window_start, 21))
         assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
         assert any(s.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent") for s in lit)
-        assert driver.find_element(By.ID, "heatmap").get_attribute("data-row") == "15"
+        heatmap = driver.find_element(By.ID, "heatmap")
+        assert heatmap.get_attribute("data-row") == "15"
+        # 16 characters fit a label each, on both axes, as sample.py --attention labels them
+        assert heatmap.get_attribute("data-label-step") == "1" and heatmap.get_attribute("data-labels") == shown[5:21]
         assert len(driver.find_elements(By.CSS_SELECTOR, "#top5 li")) == 5
         # the average over heads is another row of weights that also sums to 1
         first = [s.get_attribute("data-weight") for s in lit]
@@ -808,7 +811,23 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
         assert [s.get_attribute("data-weight") for s in lit] != first
 
+        # a prompt the model cannot read: the panels no longer describe the text before it
+        fill("prompt", "KING §")
+        assert heatmap.get_attribute("data-row") is None and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#text span[data-weight]")
+        assert "unknown" in driver.find_elements(By.CSS_SELECTOR, "#text span.c")[-1].get_attribute("class")
+        driver.find_elements(By.CSS_SELECTOR, "#text span.c")[0].click()  # its window holds the §: a 400
+        wait.until(lambda d: d.find_element(By.ID, "attn-caption").get_attribute("data-state") == "error")
+        assert "not in the vocabulary: '§'" in driver.find_element(By.ID, "attn-caption").text
+        assert heatmap.get_attribute("data-state") == "error" and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
+        assert "prompt: 1 character(s) not in the vocabulary: '§'" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "attn-caption").text.startswith("The text was refused: prompt: ")
+        assert heatmap.get_attribute("data-row") is None and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+
         # Stop ends a long generation, and the server sees the client go
+        fill("prompt", "KING:")
         finished = len(server.playground.finished)
         fill("max_new_tokens", str(LIMIT))
         driver.find_element(By.ID, "generate").click()
@@ -818,6 +837,83 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         wait.until(lambda d: len(server.playground.finished) > finished)
         generated, asked, left = server.playground.finished[-1]
         assert left and generated < asked == LIMIT
+    finally:
+        driver.quit()
+
+
+def test_the_page_follows_the_folder_from_no_checkpoint_to_a_newer_one(trained, tmp_path):
+    """Started before the run's first checkpoint: the live curve and a notice, then the model
+    when ckpt.pt lands, then a newer best.pt in the header and the facts, without a reload.
+    The run's state comes from its records: writing until its "done" record, then done."""
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "config.json", out / "config.json")  # max_iters 60, no time budget
+    records = [r for r in read_records(str(trained / "metrics.jsonl")) if r["type"] in ("train", "eval") and r["iter"] <= 40]
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:  # a run at step 40, writing now
+        f.writelines(json.dumps({**r, "time": time.time()}) + "\n" for r in records)
+    try:
+        with running(out) as server:
+            wait = WebDriverWait(driver, 30)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            header = driver.find_element(By.ID, "ckpt-name")
+            wait.until(lambda d: header.text == "no model yet:")
+            notice = driver.find_element(By.ID, "ckpt-notice").text
+            assert notice == f"no checkpoint yet in {out}: the run has not reached its first eval"
+            assert not driver.find_element(By.ID, "generate").is_enabled()
+            assert driver.find_element(By.ID, "no-model").is_displayed()
+            run = driver.find_element(By.ID, "run-status")
+            wait.until(lambda d: run.get_attribute("data-state") == "writing")
+            assert "a run is writing: step 40 of 60" in run.text
+            losses = driver.find_element(By.ID, "losses")
+            steps = sum(len(r.get("losses") or [r["loss"]]) for r in records if r["type"] == "train")
+            assert int(losses.get_attribute("data-steps")) == steps > 1  # every step's loss, not one a record
+
+            shutil.copy(trained / "ckpt.pt", out / ".tmp-ckpt")
+            os.replace(out / ".tmp-ckpt", out / "ckpt.pt")  # the first eval's checkpoint lands
+            wait.until(lambda d: header.get_attribute("data-step") == "60")
+            assert not driver.find_element(By.ID, "ckpt-notice").is_displayed()
+            assert driver.find_element(By.ID, "generate").is_enabled()
+            write_checkpoint(trained / "best.pt", out / "best.pt", 80, seed=1)  # then a better one
+            wait.until(lambda d: header.get_attribute("data-step") == "80")
+            assert header.text.startswith(f"{out / 'best.pt'} · step 80")
+            assert "80 of 60" in driver.find_element(By.ID, "facts").text
+
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # the run ends
+                f.write(
+                    json.dumps({"type": "done", "iter": 60, "time_budget": None, "elapsed": 75.0, "time": time.time()}) + "\n"
+                )
+            wait.until(lambda d: run.get_attribute("data-state") == "done")
+            assert run.text.startswith("done: 60 steps in 1m15s")
+    finally:
+        driver.quit()
+
+
+def test_the_page_asks_a_busy_server_once_more_then_gives_up(trained):
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lines = []
+    try:
+        with running(trained, max_generations=1, log=lines.append) as server:
+            body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+            streaming = send_raw(server, request_bytes("POST", "/api/generate", body))  # holds the only slot
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += streaming.recv(4096)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+            driver.find_element(By.ID, "generate").click()
+            status = driver.find_element(By.ID, "status")
+            wait.until(lambda d: status.get_attribute("data-state") == "error")
+            assert "busy: 1 generation(s) streaming" in status.text and "asked again after 1 s: giving up" in status.text
+            assert sum(" 503 server: busy" in line for line in lines) == 2  # once, and once more after Retry-After
+            streaming.close()
     finally:
         driver.quit()
 
