@@ -371,7 +371,7 @@ def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_mod
         assert call(server, "GET", "/api/info", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
         old = server.playground.loaded
         # a stream begins with the old model ...
-        body = json.dumps({"prompt": "KING:", "max_new_tokens": 400, "seed": 5}).encode()
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": 2000, "seed": 5}).encode()
         streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
         received = b""
         while received.count(b"data: ") < 3:
@@ -381,11 +381,12 @@ def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_mod
         status, response, info = call(server, "GET", "/api/info", headers={"If-None-Match": etag})
         assert status == 200 and info["iter_num"] == 80 and info["checkpoint_id"] != old.info["checkpoint_id"]
         assert response.getheader("ETag") != etag and lines[-1].startswith(f"new checkpoint: {out / 'best.pt'}: gpt")
+        assert server.playground.running == 1  # the stream is still going
         new = server.playground.loaded
         with streaming:
             received += streaming.makefile("rb").read()
         stream = [json.loads(line[6:]) for line in received.decode().split("\n") if line.startswith("data: ")]
-        settings = {"max_new_tokens": 400, "seed": 5, "decode_dtype": "float32"}
+        settings = {"max_new_tokens": 2000, "seed": 5, "decode_dtype": "float32"}
         assert stream[-1]["text"] == expected_text(old.model, old.tokenizer, "KING:", **settings)
         # the next generation and attention map are the new model's
         text = streamed_text(server, prompt="KING:", max_new_tokens=40, seed=5)
