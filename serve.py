@@ -5,12 +5,19 @@
     python serve.py --out_dir out --host 0.0.0.0   # reachable from other machines: see the README first
     python serve.py --help
 
-One checkpoint (out_dir/best.pt, else ckpt.pt) is loaded once and shared by every request.
+The checkpoint (out_dir/best.pt, else ckpt.pt) is loaded once and shared by every request,
+until a newer one lands there: each request looks (a stat), and the first to see it loads it
+while the others go on with the old one; a generation keeps the model it began with. A
+checkpoint that does not load leaves the old one serving, and /api/info says why. out_dir
+must exist, but may hold no checkpoint yet (a run that has just begun): the page then
+shows the run's metrics, and generating answers 503 until the first checkpoint lands.
 The page, chargpt/playground.html, talks to a small JSON API that curl can call too:
 
     GET  /                 the page
-    GET  /api/info         the checkpoint's facts (configs, parameters, step, best val loss) and the server's limits
-    GET  /api/metrics      the records of out_dir/metrics.jsonl (a run writing there shows up live)
+    GET  /api/info         the checkpoint's facts (configs, parameters, step, best val loss, an id that
+                           changes with the file) and the server's limits; has_model false before the first
+    GET  /api/metrics      the records of out_dir/metrics.jsonl (a run writing there shows up live) and
+                           the run's max_iters and time_budget (its config.json)
     POST /api/generate     {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
                            -> Server-Sent Events: one {"char": ...} per character, then an event "done"
     POST /api/attention    {"text": ...} -> the characters, weights[layer][head][t][s] and the top-5
@@ -35,6 +42,7 @@ Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN, n
 """
 
 import errno
+import hashlib
 import io
 import ipaddress
 import json
@@ -42,6 +50,7 @@ import math
 import os
 import re
 import socket
+import stat
 import sys
 import threading
 import time
@@ -52,7 +61,7 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 import torch
 
-from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
 from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, check_choice, knob, parse
 from chargpt.engine import generate_tokens, resolve_decode_dtype
 from chargpt.machine import resolve_device
@@ -136,6 +145,18 @@ ATTENTION_FIELDS = {"text": (str, None)}
 TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
 
 
+def finite(value):
+    """value with every non-finite float in it, however deep, as None: JSON has no NaN or inf,
+    and a browser's JSON.parse refuses Python's NaN."""
+    if isinstance(value, float):
+        return value if math.isfinite(value) else None
+    if isinstance(value, list):
+        return [finite(v) for v in value]
+    if isinstance(value, dict):
+        return {k: finite(v) for k, v in value.items()}
+    return value
+
+
 def read_fields(body, fields):
     """The fields of a parsed JSON body, typed and with defaults; unknown, missing or
     mistyped ones are a RequestError naming the field."""
@@ -159,33 +180,81 @@ def read_fields(body, fields):
     return values
 
 
-class Playground:
-    """One checkpoint, loaded once, and what the endpoints compute from it."""
+# /api/info's checkpoint fields before a run's first checkpoint
+NO_MODEL = {
+    "checkpoint": None,
+    "checkpoint_id": None,
+    "model_type": None,
+    "model_config": {},
+    "train_config": {},
+    "params": 0,
+    "iter_num": None,
+    "best_val_loss": None,
+    "vocab": "",
+    "block_size": 0,
+    "n_layer": 0,
+    "n_head": 0,
+    "has_attention": False,
+    "decode_dtype": None,
+}
 
-    def __init__(self, config, log=print):
-        config.validate()
-        self.config, self.log = config, log
-        self.device = resolve_device(config.device)
-        self.path = find_checkpoint(config.out_dir)
-        checkpoint = load_checkpoint(self.path, self.device)
-        self.model, self.tokenizer = model_from_checkpoint(checkpoint, self.device, self.path)
+
+class Loaded:
+    """One checkpoint, loaded: its model, tokenizer and facts. Never changed once made, so a
+    request keeps the one it started with while a newer one replaces it for the next."""
+
+    def __init__(self, path, stamp, device, decode_dtype):
+        checkpoint = load_checkpoint(path, device)
+        self.path, self.stamp = path, stamp
+        self.model, self.tokenizer = model_from_checkpoint(checkpoint, device, path)
         self.has_attention = hasattr(self.model, "attention_maps")  # the bigram model has none
         mc = self.model.config
+        best = checkpoint.get("best_val_loss")
+        best = best if best is not None and math.isfinite(best) else None  # inf before the first eval; JSON has no inf
         self.info = {
-            "checkpoint": self.path,
+            "checkpoint": path,
+            "checkpoint_id": "{}-{:x}-{:x}-{:x}".format(*stamp),  # the page reloads its facts when this changes
             "model_type": mc.model_type,
             "model_config": checkpoint["model_config"],
             "train_config": checkpoint.get("train_config", {}),
             "params": self.model.num_params(),
             "iter_num": checkpoint["iter_num"],
-            "best_val_loss": checkpoint.get("best_val_loss"),
+            "best_val_loss": best,
             "vocab": self.tokenizer.chars,
             "block_size": mc.block_size,
             "n_layer": mc.n_layer if self.has_attention else 0,
             "n_head": mc.n_head if self.has_attention else 0,
             "has_attention": self.has_attention,
+            "decode_dtype": str(resolve_decode_dtype(decode_dtype, self.model)).removeprefix("torch."),
+        }
+
+    def describe(self):
+        """'out/best.pt: gpt, 112,193 parameters, step 1500, best val loss 1.7410'"""
+        info = self.info
+        loss = "" if info["best_val_loss"] is None else f", best val loss {info['best_val_loss']:.4f}"
+        return f"{self.path}: {info['model_type']}, {info['params']:,} parameters, step {info['iter_num']}{loss}"
+
+
+class Playground:
+    """The newest checkpoint in out_dir, loaded (or none yet), and what the endpoints compute from it."""
+
+    def __init__(self, config, log=print):
+        config.validate()
+        self.config, self.log = config, log
+        self.device = resolve_device(config.device)
+        if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
+            raise ValueError(f"--out_dir {config.out_dir} is a file, not a folder")
+        if not os.path.isdir(config.out_dir):  # a typo, most likely: a run creates its folder as it starts
+            raise FileNotFoundError(
+                f"--out_dir {config.out_dir} does not exist (train a model first, or start serve.py once "
+                "train.py has begun: python train.py ...)"
+            )
+        self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+        self.run_config_path = os.path.join(config.out_dir, "config.json")  # the run's settings (train.py)
+        # the server's own facts; /api/info adds the checkpoint's
+        self.info = {
+            "out_dir": config.out_dir,
             "device": str(self.device),
-            "decode_dtype": str(resolve_decode_dtype(config.decode_dtype, self.model)).removeprefix("torch."),
             "kv_cache": config.kv_cache,
             "limits": {
                 "max_new_tokens": config.max_new_tokens_limit,
@@ -196,9 +265,12 @@ class Playground:
             },
             "defaults": {key: default for key, (_, default) in GENERATE_FIELDS.items()},
         }
-        if self.info["best_val_loss"] is not None and not math.isfinite(self.info["best_val_loss"]):
-            self.info["best_val_loss"] = None  # inf before the first eval; JSON has no inf
-        self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
+        self.loaded = None  # the Loaded checkpoint, or None before a run's first one
+        self.no_checkpoint = f"no checkpoint yet in {config.out_dir}: the run has not reached its first eval"
+        self.notice = self.no_checkpoint  # what the page should say about the checkpoint: none yet, or one that did not load
+        self.failed = None  # the stamp of a checkpoint that did not load: tried again only once it changes
+        self.loading = threading.Lock()  # one load at a time; the other requests serve the model there is
+        self.refresh(at_start=True)  # a damaged checkpoint at the start is an error, not a notice
         # what the generations did, for the log and the tests; guarded because requests run in threads
         self.lock = threading.Lock()
         self.running = 0
@@ -206,10 +278,81 @@ class Playground:
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
         self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
 
+    # -- the checkpoint: the newest in out_dir, looked for at every request
+
+    def checkpoint_stamp(self):
+        """(path, inode, size, mtime in ns) of best.pt, else ckpt.pt, else None: a stat or two,
+        cheap enough for every request. train.py writes a checkpoint whole and renames it into
+        place, so a new file is a new inode, and a half-written one never has these names."""
+        for name in ("best.pt", "ckpt.pt"):
+            path = os.path.join(self.config.out_dir, name)
+            try:
+                st = os.stat(path)
+            except OSError:
+                continue
+            if stat.S_ISREG(st.st_mode):
+                return (path, st.st_ino, st.st_size, st.st_mtime_ns)
+        return None
+
+    def refresh(self, at_start=False):
+        """The Loaded checkpoint to answer with (or None): the one in memory, or the newer one in
+        out_dir, loaded now. While one request loads it, the others answer with the old one."""
+        loaded, stamp = self.loaded, self.checkpoint_stamp()
+        if stamp == (loaded.stamp if loaded else None) or (stamp is not None and stamp == self.failed):
+            return loaded
+        if not self.loading.acquire(blocking=at_start):
+            return loaded
+        try:
+            stamp = self.checkpoint_stamp()  # again: another request may have loaded it meanwhile
+            if stamp == (self.loaded.stamp if self.loaded else None):
+                return self.loaded
+            if stamp is None:
+                self.loaded, self.failed, self.notice = None, None, self.no_checkpoint
+                self.log(f"{self.notice} (its checkpoints were removed: a new run?)")
+                return None
+            try:
+                self.loaded = Loaded(stamp[0], stamp, self.device, self.config.decode_dtype)
+            except (ValueError, OSError) as e:  # damaged, foreign, or removed as we read it
+                if at_start:
+                    raise
+                self.failed = stamp
+                old = self.loaded
+                still = f"still serving step {old.info['iter_num']}, loaded earlier from {old.path}" if old else "no model yet"
+                self.notice = f"{shown(str(e), 300)}; {still}"
+                self.log(f"not loaded: {self.notice}")
+                return self.loaded
+            self.failed, self.notice = None, None
+            if not at_start:  # main() says what it started with, once it listens
+                self.log(f"new checkpoint: {self.loaded.describe()}")
+            return self.loaded
+        finally:
+            self.loading.release()
+
+    def checkpoint(self):
+        """The Loaded checkpoint to generate with; without one, a 503 that says why."""
+        loaded = self.refresh()
+        if loaded is None:
+            raise RequestError(503, "checkpoint", self.notice)
+        return loaded
+
+    def info_now(self):
+        """/api/info's answer: the server's facts, and the checkpoint's (null fields before the first)."""
+        loaded = self.refresh()
+        return {**self.info, "has_model": loaded is not None, "notice": self.notice, **(loaded.info if loaded else NO_MODEL)}
+
     # -- the endpoints' work, free of HTTP
 
-    def encode(self, field, text):
-        """The token ids of text; an empty, too long or out-of-vocabulary text names the field."""
+    @property
+    def model(self):
+        return self.loaded.model  # the model in memory now (the tests' shortcut)
+
+    @property
+    def tokenizer(self):
+        return self.loaded.tokenizer
+
+    def encode(self, loaded, field, text):
+        """The token ids of text for the loaded checkpoint; an empty, too long or out-of-vocabulary
+        text names the field."""
         if not text:
             raise RequestError(400, field, "empty: the model needs at least one character")
         if len(text) > self.config.max_chars:
@@ -217,12 +360,12 @@ class Playground:
                 413, field, f"{len(text)} characters, more than this server's limit of {self.config.max_chars} (--max_chars)"
             )
         try:
-            return self.tokenizer.encode(text)
+            return loaded.tokenizer.encode(text)
         except ValueError as e:  # names the unknown characters
             raise RequestError(400, field, str(e)) from None
 
     def generation(self, body):
-        """(SampleConfig, prompt ids) for a /api/generate body."""
+        """(SampleConfig, prompt ids, the Loaded checkpoint to generate with) for a /api/generate body."""
         values = read_fields(body, GENERATE_FIELDS)
         limit = self.config.max_new_tokens_limit
         if not 0 <= values["max_new_tokens"] <= limit:
@@ -237,7 +380,8 @@ class Playground:
             raise RequestError(400, "top_p", f"must be in (0, 1], got {values['top_p']}")
         if not 0 <= values["seed"] < 2**64:  # what torch.Generator.manual_seed takes
             raise RequestError(400, "seed", f"must be in 0..2**64-1, got {values['seed']}")
-        prompt_ids = self.encode("prompt", values["prompt"])
+        loaded = self.checkpoint()
+        prompt_ids = self.encode(loaded, "prompt", values["prompt"])
         config = SampleConfig(
             start=values["prompt"],
             num_samples=1,
@@ -249,29 +393,31 @@ class Playground:
             kv_cache=self.config.kv_cache,
             decode_dtype=self.config.decode_dtype,
         )
-        return config, prompt_ids
+        return config, prompt_ids, loaded
 
     @torch.no_grad()
     def attention(self, body):
         """The attention weights and next-character guesses over the last block_size characters of text."""
         text = read_fields(body, ATTENTION_FIELDS)["text"]
-        ids = self.encode("text", text)
+        loaded = self.checkpoint()
+        model, tokenizer = loaded.model, loaded.tokenizer
+        ids = self.encode(loaded, "text", text)
         # positions are learned up to block_size: show the window the model would read last
-        shown = ids[-self.model.config.block_size :]
+        shown = ids[-model.config.block_size :]
         offset = len(ids) - len(shown)
         idx = torch.tensor([shown], dtype=torch.long, device=self.device)  # (1, T)
-        probs = torch.softmax(self.model(idx)[0][0].float(), dim=-1)  # (T, V)
+        probs = torch.softmax(model(idx)[0][0].float(), dim=-1)  # (T, V)
         top = torch.topk(probs, min(TOP, probs.shape[-1]), dim=-1)  # (T, 5) values and indices
         next_chars = [
-            [{"char": self.tokenizer.chars[i], "prob": round(p, 4)} for p, i in zip(ps, ixs)]
+            [{"char": tokenizer.chars[i], "prob": round(p, 4)} for p, i in zip(ps, ixs)]
             for ps, ixs in zip(top.values.tolist(), top.indices.tolist())
         ]
         weights = []
-        if self.has_attention:
-            maps = self.model.attention_maps(idx)  # (n_layer, nh, T, T)
+        if loaded.has_attention:
+            maps = model.attention_maps(idx)  # (n_layer, nh, T, T)
             weights = maps.double().round(decimals=5).tolist()  # 5 decimals: a row still sums to 1 within 1e-4
         return {
-            "chars": list(self.tokenizer.decode(shown)),
+            "chars": list(tokenizer.decode(shown)),
             "offset": offset,
             "n_layer": len(weights),
             "n_head": len(weights[0]) if weights else 0,
@@ -280,14 +426,32 @@ class Playground:
         }
 
     def metrics(self):
-        """metrics.jsonl's records, with non-finite numbers as null (JSON has no NaN)."""
-        records = read_records(self.metrics_path)
-        clean = lambda v: None if isinstance(v, float) and not math.isfinite(v) else v
+        """metrics.jsonl's records, with non-finite numbers as null (JSON has no NaN), and the
+        run's limits from its config.json: max_iters and time_budget (minutes, 0 for none)."""
+        run = None
+        try:
+            with open(self.run_config_path, encoding="utf-8") as f:
+                train_config = json.load(f)["train"]
+            run = {key: train_config[key] for key in ("max_iters", "time_budget")}
+        except (OSError, ValueError, KeyError, TypeError):
+            pass  # no run has begun here, or its file is not train.py's: the page shows the steps alone
         return {
             "path": self.metrics_path,
             "exists": os.path.isfile(self.metrics_path),
-            "records": [{k: clean(v) for k, v in r.items()} for r in records],
+            "run": run,
+            "records": finite(read_records(self.metrics_path)),
         }
+
+    def metrics_etag(self):
+        """The sizes and times of metrics.jsonl and config.json: an unchanged pair costs the poller nothing."""
+        parts = []
+        for path in (self.metrics_path, self.run_config_path):
+            try:
+                st = os.stat(path)
+                parts.append(f"{st.st_mtime_ns:x}-{st.st_size:x}")
+            except OSError:
+                parts.append("none")
+        return '"' + ".".join(parts) + '"'
 
     def record(self, generated, asked, left):
         with self.lock:
@@ -499,29 +663,35 @@ class Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.write_body(body)
 
+    def not_modified(self, etag):
+        """True, with a 304 sent, when the client already has what etag tags."""
+        if self.headers.get("If-None-Match") != etag:
+            return False
+        self.send_response(304)
+        self.send_header("ETag", etag)
+        self.end_headers()
+        return True
+
     def get_info(self):
-        self.send_json(200, self.server.playground.info)
+        # polled by the page to see a new checkpoint: its content tags it, so an unchanged one is a 304
+        info = self.server.playground.info_now()
+        etag = '"' + hashlib.sha1(json.dumps(info).encode()).hexdigest()[:16] + '"'
+        if not self.not_modified(etag):
+            self.send_json(200, info, headers=[("ETag", etag), ("Cache-Control", "no-cache")])
 
     def get_metrics(self):
         playground = self.server.playground
-        try:  # the file's size and time tag its content: an unchanged file costs the poller nothing
-            stat = os.stat(playground.metrics_path)
-            etag = f'"{stat.st_mtime_ns:x}-{stat.st_size:x}"'
-        except FileNotFoundError:
-            etag = '"none"'
-        if self.headers.get("If-None-Match") == etag:
-            self.send_response(304)
-            self.send_header("ETag", etag)
-            self.end_headers()
-            return
-        self.send_json(200, playground.metrics(), headers=[("ETag", etag), ("Cache-Control", "no-cache")])
+        playground.refresh()  # the page polls this: a new checkpoint is loaded by the time it asks /api/info
+        etag = playground.metrics_etag()
+        if not self.not_modified(etag):
+            self.send_json(200, playground.metrics(), headers=[("ETag", etag), ("Cache-Control", "no-cache")])
 
     def post_attention(self):
         self.send_json(200, self.server.playground.attention(self.read_json()))
 
     def post_generate(self):
         playground = self.server.playground
-        config, prompt_ids = playground.generation(self.read_json())
+        config, prompt_ids, loaded = playground.generation(self.read_json())
         # a generation keeps a core busy for as long as it streams: beyond a few at once, each
         # would only slow the others down
         if playground.stopping.is_set():
@@ -535,11 +705,13 @@ class Handler(BaseHTTPRequestHandler):
                 headers=[("Retry-After", RETRY_AFTER)],
             )
         try:
-            self.stream(config, prompt_ids)
+            self.stream(config, prompt_ids, loaded)
         finally:
             playground.slots.release()
 
-    def stream(self, config, prompt_ids):
+    def stream(self, config, prompt_ids, loaded):
+        """config's text from loaded's model, as events: a newer checkpoint that lands meanwhile
+        waits for the next generation."""
         playground = self.server.playground
         # a send buffer of fixed size, where the kernel would grow it to megabytes: a client that
         # stops reading blocks its generation, then ends it (--timeout), within a few thousand characters
@@ -552,13 +724,13 @@ class Handler(BaseHTTPRequestHandler):
         with playground.lock:
             playground.running += 1
         try:
-            tokens = generate_tokens(playground.model, prompt_ids, config)
+            tokens = generate_tokens(loaded.model, prompt_ids, config)
             for token in tokens:  # (1,)
                 if playground.stopping.is_set():  # Ctrl-C: end between two characters (Playground.stop)
                     ended = "stopped (Ctrl-C) after"
                     self.send_event({"error": "server: stopped (Ctrl-C)", "field": "server"}, event="error")
                     break
-                generated.append(playground.tokenizer.decode(token.tolist()))
+                generated.append(loaded.tokenizer.decode(token.tolist()))
                 # a write to a client that has gone fails within a character or two: the
                 # first lands in the socket's buffer, the peer answers with a reset
                 self.send_event({"char": generated[-1]})
@@ -726,9 +898,10 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
-    info = playground.info
-    loss = "" if info["best_val_loss"] is None else f", best val loss {info['best_val_loss']:.4f}"
-    log(f"{playground.path}: {info['model_type']}, {info['params']:,} parameters, step {info['iter_num']}{loss}")
+    if playground.loaded is None:
+        log(f"{playground.notice}: the page shows the run's metrics until best.pt or ckpt.pt lands")
+    else:
+        log(playground.loaded.describe())
     if not server.loopback:
         log(f"listening on {config.host}: anyone who can reach this machine can use the playground")
     print(f"playground at {server.url}  (Ctrl-C stops)", flush=True)

@@ -21,6 +21,8 @@ import torch
 import sample
 import serve
 import train
+from chargpt.atomic import write_atomic
+from chargpt.checkpoint import save_checkpoint
 from chargpt.config import SampleConfig
 from chargpt.engine import generate_tokens
 from chargpt.metrics import read_records
@@ -326,6 +328,118 @@ def test_metrics_are_the_runs_and_follow_the_file(server, trained):
         f.write(json.dumps({"type": "train", "iter": 70, "loss": float("nan"), "time": 0.0}) + "\n")
     status, _, answer = call(server, "GET", "/api/metrics", headers={"If-None-Match": etag})
     assert status == 200 and answer["records"][-1] == {"type": "train", "iter": 70, "loss": None, "time": 0.0}
+
+
+def test_metrics_carry_the_runs_limits_and_no_nan_in_lists(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # one step of a run gone non-finite
+        f.write(json.dumps({"type": "train", "iter": 62, "loss": 1.5, "losses": [1.5, float("nan")], "time": 0.0}) + "\n")
+    with running(out) as server:
+        answer = call(server, "GET", "/api/metrics")[2]
+        assert answer["run"] == {"max_iters": 60, "time_budget": 0.0}  # from the run's config.json
+        assert answer["records"][-1]["losses"] == [1.5, None]  # JSON.parse refuses NaN
+        os.remove(out / "config.json")
+        assert call(server, "GET", "/api/metrics")[2]["run"] is None
+
+
+def write_checkpoint(source, path, iter_num, seed):
+    """A checkpoint like source's, at step iter_num, with other weights (noise added by seed),
+    written as train.py writes one: whole, then renamed into place."""
+    checkpoint = torch.load(source, weights_only=True)
+    noise = torch.Generator().manual_seed(seed)
+    checkpoint["model"] = {
+        k: v + 0.3 * torch.randn(v.shape, generator=noise) if v.is_floating_point() else v for k, v in checkpoint["model"].items()
+    }
+    checkpoint["iter_num"] = iter_num
+    save_checkpoint(checkpoint, str(path))
+
+
+def expected_text(model, tokenizer, prompt, **settings):
+    config = SampleConfig(start=prompt, **settings)
+    return tokenizer.decode([t.item() for t in generate_tokens(model, tokenizer.encode(prompt), config)])
+
+
+def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_model(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    lines = []
+    with running(out, log=lines.append, decode_dtype="float32") as server:
+        status, response, info = call(server, "GET", "/api/info")
+        assert status == 200 and info["iter_num"] == 60 and info["has_model"] and info["notice"] is None
+        etag = response.getheader("ETag")
+        assert call(server, "GET", "/api/info", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
+        old = server.playground.loaded
+        # a stream begins with the old model ...
+        body = json.dumps({"prompt": "KING:", "max_new_tokens": 2000, "seed": 5}).encode()
+        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+        received = b""
+        while received.count(b"data: ") < 3:
+            received += streaming.recv(4096)
+        # ... and a run writes a better model meanwhile
+        write_checkpoint(out / "best.pt", out / "best.pt", 80, seed=1)
+        status, response, info = call(server, "GET", "/api/info", headers={"If-None-Match": etag})
+        assert status == 200 and info["iter_num"] == 80 and info["checkpoint_id"] != old.info["checkpoint_id"]
+        assert response.getheader("ETag") != etag and lines[-1].startswith(f"new checkpoint: {out / 'best.pt'}: gpt")
+        assert server.playground.running == 1  # the stream is still going
+        new = server.playground.loaded
+        with streaming:
+            received += streaming.makefile("rb").read()
+        stream = [json.loads(line[6:]) for line in received.decode().split("\n") if line.startswith("data: ")]
+        settings = {"max_new_tokens": 2000, "seed": 5, "decode_dtype": "float32"}
+        assert stream[-1]["text"] == expected_text(old.model, old.tokenizer, "KING:", **settings)
+        # the next generation and attention map are the new model's
+        text = streamed_text(server, prompt="KING:", max_new_tokens=40, seed=5)
+        assert text == expected_text(new.model, new.tokenizer, "KING:", **{**settings, "max_new_tokens": 40})
+        assert text != stream[-1]["text"][:40]
+        weights = torch.tensor(call(server, "POST", "/api/attention", {"text": "KING:"})[2]["weights"], dtype=torch.float64)
+        idx = torch.tensor([new.tokenizer.encode("KING:")])
+        torch.testing.assert_close(weights, new.model.attention_maps(idx).double(), atol=1e-5, rtol=0)
+
+
+def test_a_damaged_checkpoint_leaves_the_old_model_serving_and_says_why(trained, tmp_path):
+    out = tmp_path / "out"
+    shutil.copytree(trained, out)
+    lines = []
+    with running(out, log=lines.append) as server:
+        whole = (out / "best.pt").read_bytes()
+        write_atomic(str(out / "best.pt"), whole[: len(whole) // 2])  # a copy cut short, say
+        for _ in range(3):  # looked at once: not loaded again at every request
+            info = call(server, "GET", "/api/info")[2]
+            assert info["iter_num"] == 60 and info["has_model"]
+            assert "not a readable checkpoint" in info["notice"] and "still serving" in info["notice"]
+        assert [line for line in lines if line.startswith("not loaded: ")] == [lines[-1]] and "\n" not in lines[-1]
+        assert len(streamed_text(server, prompt="KING:", max_new_tokens=10)) == 10
+        write_checkpoint(out / "ckpt.pt", out / "best.pt", 90, seed=2)  # the next eval writes a whole one
+        info = call(server, "GET", "/api/info")[2]
+        assert info["iter_num"] == 90 and info["notice"] is None
+
+
+def test_a_folder_without_a_checkpoint_yet_is_served_until_one_lands(trained, tmp_path):
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "metrics.jsonl", out / "metrics.jsonl")  # a run has begun writing
+    with running(out) as server:
+        status, _, info = call(server, "GET", "/api/info")
+        assert status == 200 and not info["has_model"] and info["checkpoint"] is None and info["vocab"] == ""
+        assert info["notice"] == f"no checkpoint yet in {out}: the run has not reached its first eval"
+        assert info["limits"]["max_chars"] == 500
+        assert call(server, "GET", "/api/metrics")[2]["exists"]
+        for path, body in [("/api/generate", {"prompt": "KING:"}), ("/api/attention", {"text": "KING:"})]:
+            status, response, answer = call(server, "POST", path, body)
+            assert (status, answer["field"]) == (503, "checkpoint") and response.getheader("Retry-After") is None
+            assert answer["error"] == f"checkpoint: {info['notice']}"
+        # bad fields are still named first
+        assert call(server, "POST", "/api/generate", {"prompt": "KING:", "top_p": 2})[2]["field"] == "top_p"
+        shutil.copy(trained / "ckpt.pt", out / ".tmp-ckpt")
+        os.replace(out / ".tmp-ckpt", out / "ckpt.pt")  # the first eval's checkpoint lands
+        info = call(server, "GET", "/api/info")[2]
+        assert info["has_model"] and info["checkpoint"] == str(out / "ckpt.pt") and info["notice"] is None
+        assert len(streamed_text(server, prompt="KING:", max_new_tokens=10)) == 10
+        os.remove(out / "ckpt.pt")  # a new run with --overwrite clears the folder
+        info = call(server, "GET", "/api/info")[2]
+        assert not info["has_model"] and "no checkpoint yet" in info["notice"]
+    assert serve.Playground(serve.ServeConfig(out_dir=str(out), device="cpu")).loaded is None
 
 
 def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text):
@@ -686,7 +800,10 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         assert [int(s.get_attribute("data-i")) for s in lit] == list(range(window_start, 21))
         assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
         assert any(s.value_of_css_property("background-color") not in ("rgba(0, 0, 0, 0)", "transparent") for s in lit)
-        assert driver.find_element(By.ID, "heatmap").get_attribute("data-row") == "15"
+        heatmap = driver.find_element(By.ID, "heatmap")
+        assert heatmap.get_attribute("data-row") == "15"
+        # 16 characters fit a label each, on both axes, as sample.py --attention labels them
+        assert heatmap.get_attribute("data-label-step") == "1" and heatmap.get_attribute("data-labels") == shown[5:21]
         assert len(driver.find_elements(By.CSS_SELECTOR, "#top5 li")) == 5
         # the average over heads is another row of weights that also sums to 1
         first = [s.get_attribute("data-weight") for s in lit]
@@ -695,7 +812,23 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         assert sum(float(s.get_attribute("data-weight")) for s in lit) == pytest.approx(1.0, abs=1e-3)
         assert [s.get_attribute("data-weight") for s in lit] != first
 
+        # a prompt the model cannot read: the panels no longer describe the text before it
+        fill("prompt", "KING §")
+        assert heatmap.get_attribute("data-row") is None and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+        assert not driver.find_elements(By.CSS_SELECTOR, "#text span[data-weight]")
+        assert "unknown" in driver.find_elements(By.CSS_SELECTOR, "#text span.c")[-1].get_attribute("class")
+        driver.find_elements(By.CSS_SELECTOR, "#text span.c")[0].click()  # its window holds the §: a 400
+        wait.until(lambda d: d.find_element(By.ID, "attn-caption").get_attribute("data-state") == "error")
+        assert "not in the vocabulary: '§'" in driver.find_element(By.ID, "attn-caption").text
+        assert heatmap.get_attribute("data-state") == "error" and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+        driver.find_element(By.ID, "generate").click()
+        wait.until(lambda d: d.find_element(By.ID, "status").get_attribute("data-state") == "error")
+        assert "prompt: 1 character(s) not in the vocabulary: '§'" in driver.find_element(By.ID, "status").text
+        assert driver.find_element(By.ID, "attn-caption").text.startswith("The text was refused: prompt: ")
+        assert heatmap.get_attribute("data-row") is None and not driver.find_elements(By.CSS_SELECTOR, "#top5 li")
+
         # Stop ends a long generation, and the server sees the client go
+        fill("prompt", "KING:")
         finished = len(server.playground.finished)
         fill("max_new_tokens", str(LIMIT))
         driver.find_element(By.ID, "generate").click()
@@ -705,6 +838,83 @@ def test_the_page_generates_and_shows_attention_in_a_browser(server, tmp_path):
         wait.until(lambda d: len(server.playground.finished) > finished)
         generated, asked, left = server.playground.finished[-1]
         assert left and generated < asked == LIMIT
+    finally:
+        driver.quit()
+
+
+def test_the_page_follows_the_folder_from_no_checkpoint_to_a_newer_one(trained, tmp_path):
+    """Started before the run's first checkpoint: the live curve and a notice, then the model
+    when ckpt.pt lands, then a newer best.pt in the header and the facts, without a reload.
+    The run's state comes from its records: writing until its "done" record, then done."""
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    out = tmp_path / "out"
+    out.mkdir()
+    shutil.copy(trained / "config.json", out / "config.json")  # max_iters 60, no time budget
+    records = [r for r in read_records(str(trained / "metrics.jsonl")) if r["type"] in ("train", "eval") and r["iter"] <= 40]
+    with open(out / "metrics.jsonl", "w", encoding="utf-8") as f:  # a run at step 40, writing now
+        f.writelines(json.dumps({**r, "time": time.time()}) + "\n" for r in records)
+    try:
+        with running(out) as server:
+            wait = WebDriverWait(driver, 30)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            header = driver.find_element(By.ID, "ckpt-name")
+            wait.until(lambda d: header.text == "no model yet:")
+            notice = driver.find_element(By.ID, "ckpt-notice").text
+            assert notice == f"no checkpoint yet in {out}: the run has not reached its first eval"
+            assert not driver.find_element(By.ID, "generate").is_enabled()
+            assert driver.find_element(By.ID, "no-model").is_displayed()
+            run = driver.find_element(By.ID, "run-status")
+            wait.until(lambda d: run.get_attribute("data-state") == "writing")
+            assert "a run is writing: step 40 of 60" in run.text
+            losses = driver.find_element(By.ID, "losses")
+            steps = sum(len(r.get("losses") or [r["loss"]]) for r in records if r["type"] == "train")
+            assert int(losses.get_attribute("data-steps")) == steps > 1  # every step's loss, not one a record
+
+            shutil.copy(trained / "ckpt.pt", out / ".tmp-ckpt")
+            os.replace(out / ".tmp-ckpt", out / "ckpt.pt")  # the first eval's checkpoint lands
+            wait.until(lambda d: header.get_attribute("data-step") == "60")
+            assert not driver.find_element(By.ID, "ckpt-notice").is_displayed()
+            assert driver.find_element(By.ID, "generate").is_enabled()
+            write_checkpoint(trained / "best.pt", out / "best.pt", 80, seed=1)  # then a better one
+            wait.until(lambda d: header.get_attribute("data-step") == "80")
+            assert header.text.startswith(f"{out / 'best.pt'} · step 80")
+            assert "80 of 60" in driver.find_element(By.ID, "facts").text
+
+            with open(out / "metrics.jsonl", "a", encoding="utf-8") as f:  # the run ends
+                f.write(
+                    json.dumps({"type": "done", "iter": 60, "time_budget": None, "elapsed": 75.0, "time": time.time()}) + "\n"
+                )
+            wait.until(lambda d: run.get_attribute("data-state") == "done")
+            assert run.text.startswith("done: 60 steps in 1m15s")
+    finally:
+        driver.quit()
+
+
+def test_the_page_asks_a_busy_server_once_more_then_gives_up(trained):
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    lines = []
+    try:
+        with running(trained, max_generations=1, log=lines.append) as server:
+            body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
+            streaming = send_raw(server, request_bytes("POST", "/api/generate", body))  # holds the only slot
+            received = b""
+            while received.count(b"data: ") < 3:
+                received += streaming.recv(4096)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            wait = WebDriverWait(driver, 30)
+            wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+            driver.find_element(By.ID, "generate").click()
+            status = driver.find_element(By.ID, "status")
+            wait.until(lambda d: status.get_attribute("data-state") == "error")
+            assert "busy: 1 generation(s) streaming" in status.text and "asked again after 1 s: giving up" in status.text
+            assert sum(" 503 server: busy" in line for line in lines) == 2  # once, and once more after Retry-After
+            streaming.close()
     finally:
         driver.quit()
 
