@@ -167,6 +167,8 @@ def evaluate_and_save(run, last):
         run.report.eval(run.iter_num, losses, run.best_val_loss, sample if config.eval_sample_chars else None, last)
         run.health.eval(run.iter_num, losses)  # the init and overfitting warnings, health.png
     run.progress.measure_eval(time.time() - t_eval)
+    if run.threads is not None:
+        run.threads.adjust()  # the cores other programs leave free, for the steps until the next eval
 
 
 def log_step(run, loss, lr):
@@ -221,6 +223,7 @@ class Run:
     ctx: object  # autocast, or nothing
     progress: RunProgress
     scaler: LossScaler = None  # float16 only
+    threads: machine.Threads = None  # a CPU run's threads
     report: Reporter = None
     health: Health = None
     iter_num: int = 0
@@ -320,6 +323,7 @@ def setup(config, model_config, ddp, device, log, live, t_start):
         progress=RunProgress(config),
         # float16's loss scaling; it says a skipped step through the Reporter made below
         scaler=LossScaler(device_type, lambda message: run.report.log(message)) if dtype == "float16" else None,
+        threads=machine.Threads(config.threads, lambda message: run.report.log(message)) if device_type == "cpu" else None,
     )
     elapsed_before = resume(run, checkpoint, log) if checkpoint is not None else None
     del checkpoint

@@ -337,6 +337,80 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=512 * 2**20):
 
 
 # -----------------------------------------------------------------------------
+# threads on a shared CPU
+#
+# PyTorch's threads wait for each other at the end of every operation by spinning. On a
+# quiet machine that is the fastest way; when another program keeps a core busy, a
+# thread that has lost its core makes the others spin for its whole time slice: the CPU
+# recipe's step went from 10 ms to 60 ms on the 2-core Xeon of the README with another
+# program running, and to 18 ms with one thread. (Letting threads sleep instead,
+# OMP_WAIT_POLICY=PASSIVE, cost 2.6x on the quiet machine.) So a CPU run uses the cores
+# that other programs leave free, looked at again at each eval.
+
+
+def threads_for(cores, others):
+    """How many threads to run on cores when other programs keep `others` of them busy."""
+    return max(1, min(cores, round(cores - others)))
+
+
+class CpuShare:
+    """The cores other programs used since the last look: the whole machine's busy time
+    (/proc/stat) less this process's own (os.times). Linux only: None elsewhere."""
+
+    def __init__(self, read_stat=None, own_seconds=None, clock=time.monotonic):
+        self.read_stat, self.clock = read_stat or _busy_seconds, clock
+        self.own_seconds = own_seconds or (lambda: os.times().user + os.times().system)
+        self.mark = self._sample()
+
+    def _sample(self):
+        return self.clock(), self.read_stat(), self.own_seconds()
+
+    def others(self):
+        """Cores busy with other programs, on average since the last call (or the start)."""
+        now = self._sample()
+        (t0, busy0, own0), (t1, busy1, own1) = self.mark, now
+        self.mark = now
+        if busy0 is None or busy1 is None or t1 - t0 < 0.05:
+            return None
+        return max(0.0, ((busy1 - busy0) - (own1 - own0)) / (t1 - t0))
+
+
+def _busy_seconds():
+    """Seconds of CPU time the whole machine has spent busy since it booted, or None."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle and iowait
+    return (sum(fields[:8]) - idle) / os.sysconf("SC_CLK_TCK")
+
+
+class Threads:
+    """--threads for a CPU run: a fixed number, or (0) the cores other programs leave free,
+    decided at the first eval and again at each one after."""
+
+    def __init__(self, setting, log, share=None):
+        self.fixed, self.log = setting, log
+        self.cores = torch.get_num_threads()  # PyTorch's choice: the physical cores, or OMP_NUM_THREADS
+        self.share = share if share is not None else (CpuShare() if not setting else None)
+        if setting:
+            torch.set_num_threads(setting)
+
+    def adjust(self):
+        """Look at what other programs take, and say so when the number of threads changes."""
+        if self.fixed or self.cores == 1:
+            return
+        others = self.share.others()
+        if others is None:
+            return
+        threads = threads_for(self.cores, others)
+        if threads != torch.get_num_threads():
+            torch.set_num_threads(threads)
+            self.log(f"threads: {threads} of {self.cores} (other programs keep {others:.1f} cores busy; --threads=N fixes it)")
+
+
+# -----------------------------------------------------------------------------
 # timings kept between runs
 
 

@@ -6,6 +6,7 @@ import sys
 
 import pytest
 
+from chargpt import machine
 from conftest import ROOT
 
 # a step's activations, as three 16 MB tensors made and dropped together; the script prints
@@ -47,3 +48,51 @@ def test_freed_memory_is_kept_for_the_next_step():
     assert faults < 50, faults  # and the next steps took it without faults (48 MB: 12,288 pages)
     _, held_default, _ = run("default")
     assert held_default < 8, held_default  # glibc's default gave it back to the kernel
+
+
+# -- threads on a shared CPU (chargpt/machine.py) ------------------------------------
+
+
+def test_threads_for_leave_the_cores_other_programs_use():
+    assert machine.threads_for(2, 0.0) == 2 and machine.threads_for(2, 0.3) == 2
+    assert machine.threads_for(2, 0.8) == 1 and machine.threads_for(2, 5.0) == 1  # never fewer than one
+    assert machine.threads_for(8, 3.0) == 5
+
+
+def test_cpu_share_is_the_machines_busy_time_less_this_process():
+    # 2 s pass; the machine is busy for 3 s of CPU time, 1 s of it this process's: 1 core's worth from others
+    share = machine.CpuShare(read_stat=iter([100.0, 103.0]).__next__, own_seconds=iter([5.0, 6.0]).__next__,
+                             clock=iter([10.0, 12.0]).__next__)  # fmt: skip
+    assert share.others() == pytest.approx(1.0)
+    assert machine.CpuShare(read_stat=lambda: None).others() is None  # no /proc/stat: nothing to say
+
+
+class FakeShare:
+    def __init__(self, values):
+        self.values = iter(values)
+
+    def others(self):
+        return next(self.values)
+
+
+def test_threads_follow_what_other_programs_leave_free(monkeypatch):
+    calls, lines = [], []
+    monkeypatch.setattr(machine.torch, "get_num_threads", lambda: calls[-1] if calls else 2)
+    monkeypatch.setattr(machine.torch, "set_num_threads", calls.append)
+    threads = machine.Threads(0, lines.append, share=FakeShare([0.1, 0.9, 1.2, 0.0]))
+    threads.adjust()  # quiet: as many as PyTorch chose
+    assert calls == [] and lines == []
+    threads.adjust()  # a program keeps a core busy: one thread
+    assert calls == [1] and lines == ["threads: 1 of 2 (other programs keep 0.9 cores busy; --threads=N fixes it)"]
+    threads.adjust()
+    assert calls == [1] and len(lines) == 1  # no change, nothing said
+    threads.adjust()  # it went away
+    assert calls == [1, 2] and lines[-1].startswith("threads: 2 of 2")
+
+
+def test_a_fixed_number_of_threads_is_kept(monkeypatch):
+    calls = []
+    monkeypatch.setattr(machine.torch, "set_num_threads", calls.append)
+    threads = machine.Threads(3, lambda m: pytest.fail("nothing to say"), share=FakeShare([1.9]))
+    threads.adjust()
+    assert calls == [3]
