@@ -342,8 +342,8 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=512 * 2**20):
 # PyTorch's threads wait for each other at the end of every operation by spinning. On a
 # quiet machine that is the fastest way; when another program keeps a core busy, a
 # thread that has lost its core makes the others spin for its whole time slice: the CPU
-# recipe's step went from 10 ms to 60 ms on the 2-core Xeon of the README with another
-# program running, and to 18 ms with one thread. (Letting threads sleep instead,
+# recipe's step went from 10 ms to 60-360 ms on the 2-core Xeons of the README with another
+# program running, and to 16-19 ms with one thread. (Letting threads sleep instead,
 # OMP_WAIT_POLICY=PASSIVE, cost 2.6x on the quiet machine.) So a CPU run uses the cores
 # that other programs leave free, looked at again at each eval.
 

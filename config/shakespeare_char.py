@@ -1,13 +1,14 @@
-"""The lecture's GPT for a 2-core CPU: the lecture's 1.48 in 2,600 steps, 15 minutes on 2 cores.
+"""The lecture's GPT for a 2-core CPU: better than the lecture's 1.48, in 2,600 steps (13-15 minutes).
 
 The lecture's Blocks (pre-LayerNorm multi-head self-attention and an MLP, a final
 LayerNorm, lm_head), narrower and with a shorter context: 6 layers, 4 heads of 32, n_embd
 128, block_size 128 (1.2M parameters), for 2,600 steps: what a 14.9-minute time budget
-bought on the 2-core Xeon of the README (val 1.4491). A step count gives the same model on
-every machine, later on a slower or busy one; the 20-minute budget is a cap, not the plan:
-where it ends the run first, the schedule follows the time instead, and the run's last
-lines say how many of the 2,600 steps it bought and how to get the rest.
-What gets it there (each measured alone and together in the README's ablation table):
+bought on a 2-core Xeon without AMX (val 1.4491); on the Xeon with AMX of the README's
+results the 2,600 steps take 12m45s, for val 1.4533 (docs/results.md). A step count gives
+the same model on every machine, later on a slower or busy one; the 20-minute budget is a
+cap, not the plan: where it ends the run first, the schedule follows the time instead, and
+the run's last lines say how many of the 2,600 steps it bought and how to get the rest.
+What gets it there (each measured alone and together in docs/results.md's ablation table):
 - Muon for the Blocks' weight matrices (chargpt/muon.py), and dropout 0.1 on the residual
   branches only (not on the attention weights, so attention keeps SDPA's fused kernel);
 - warmup-stable-decay: the peak learning rate until the last 30% of the time, then a

@@ -1,5 +1,5 @@
 """A small recipe for a laptop CPU, the README's main job: val loss about 1.76 in 1,000
-steps, a 14-second command on 2 quiet cores.
+steps, a 12-second command on 2 quiet cores.
 
 2 layers, 2 heads, n_embd 64, block_size 64 (0.11M parameters). On so short a run the
 number of steps matters most, so the model is tiny, the batch small and the learning
@@ -11,14 +11,15 @@ fixed number of steps over 3 seeds, and kept if it won per second (docs/results.
 Why 1,000 steps and not a fixed time: a learner's laptop is often busy (a browser, a
 video), and a time budget then buys a fraction of the steps: 22 steps and gibberish on one
 busy machine. A step count gives the same model everywhere, only later on a slow machine
-(about 10 ms a step on the 2-core Xeon of the README, 30 ms when another program shares
-its cores). The 3-minute budget is a cap, not the plan: on a machine so slow that it ends
-the run first, the last lines say how many of the 1,000 steps it bought and how to get the
-rest. Eleven evals (10 batches each) draw the val curve in loss.png; they cost about 1 s
-of the 14.
+(about 10 ms a step on the 2-core Xeon of the README; 16 ms with another program busy on
+one of its cores, where train.py trains on the core left free, --threads). The 3-minute
+budget is a cap, not the plan: on a machine so slow that it ends the run first, the last
+lines say how many of the 1,000 steps it bought and how to get the rest. Eleven evals (10
+batches each) draw the val curve in loss.png; against two, they cost 0.8-1.1 s of the 12.5
+and change no step of the training (docs/results.md).
 
     python train.py config/shakespeare_char_cpu.py
-    python train.py config/shakespeare_char_cpu.py --max_iters=3000 --time_budget=0   # longer, no cap: about 1.62
+    python train.py config/shakespeare_char_cpu.py --max_iters=3000 --time_budget=0   # longer, no cap: 1.65 in 35 s
 """
 
 out_dir = "out-cpu"
