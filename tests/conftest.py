@@ -82,3 +82,11 @@ def tiny_flags(data_dir, out_dir, **overrides):
     """The tiny run as train.py's command-line flags, with overrides."""
     settings = {"data_dir": data_dir, "out_dir": out_dir, **TINY_TRAIN, **TINY_MODEL, **overrides}
     return [f"--{key}={value}" for key, value in settings.items()]
+
+
+def train_tiny(data_dir, out_dir, **overrides):
+    """Train the tiny run quietly (no samples printed or written): train.train's summary."""
+    import train  # imported here: a test module that never trains does not load it
+
+    quiet = dict(sample_chars=0, eval_sample_chars=0)
+    return train.train(*tiny_configs(data_dir, out_dir, **{**quiet, **overrides}), log=lambda m: None)

@@ -10,7 +10,7 @@ import torch
 
 import sample as sample_py
 import train
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, train_tiny
 
 
 @pytest.fixture(scope="module")
@@ -171,23 +171,8 @@ def test_attention_errors_are_one_line(trained, tmp_path, capsys, monkeypatch):
     )
 
 
-def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, text):
-    from prepare import prepare
-
-    prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(
-        *tiny_configs(
-            str(tmp_path / "data"),
-            tmp_path / "out",
-            model_type="bigram",
-            max_iters=1,
-            eval_interval=1,
-            eval_iters=1,
-            sample_chars=0,
-            eval_sample_chars=0,
-        ),
-        log=lambda m: None,
-    )
+def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, data_dir):
+    train_tiny(data_dir, tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1, eval_iters=1)
     code, out, err = run_main(capsys, f"--out_dir={tmp_path / 'out'}", f"--attention={tmp_path / 'attn.png'}")
     assert code == 1 and "bigram model, which has no attention" in err and len(err.splitlines()) == 1
 

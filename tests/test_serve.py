@@ -26,7 +26,7 @@ from chargpt.checkpoint import save_checkpoint
 from chargpt.config import SampleConfig
 from chargpt.engine import generate_tokens
 from chargpt.metrics import read_records
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, train_tiny
 
 LIMIT = 100_000  # max_new_tokens_limit of the test server: room for a generation that only a disconnect ends
 
@@ -442,23 +442,8 @@ def test_a_folder_without_a_checkpoint_yet_is_served_until_one_lands(trained, tm
     assert serve.Playground(serve.ServeConfig(out_dir=str(out), device="cpu")).loaded is None
 
 
-def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text):
-    from prepare import prepare
-
-    prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(
-        *tiny_configs(
-            str(tmp_path / "data"),
-            tmp_path / "out",
-            model_type="bigram",
-            max_iters=1,
-            eval_interval=1,
-            eval_iters=1,
-            sample_chars=0,
-            eval_sample_chars=0,
-        ),
-        log=lambda m: None,
-    )
+def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, data_dir):
+    train_tiny(data_dir, tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1, eval_iters=1)
     server = start_server(tmp_path / "out")
     try:
         info = call(server, "GET", "/api/info")[2]
@@ -471,26 +456,18 @@ def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, text
         server.server_close()
 
 
-def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, text, capsys):
+def test_a_model_with_the_speed_record_options_serves_the_same(tmp_path, data_dir, capsys):
     """Rotary positions, qk_norm and relu2 change the attention math: the playground still
     shows GPT.attention_maps and streams sample.py's text."""
-    from prepare import prepare
-
-    prepare(text, str(tmp_path / "data" / "tiny"))
-    train.train(
-        *tiny_configs(
-            str(tmp_path / "data"),
-            tmp_path / "out",
-            position="rotary",
-            qk_norm=True,
-            activation="relu2",
-            max_iters=5,
-            eval_interval=5,
-            eval_iters=1,
-            sample_chars=0,
-            eval_sample_chars=0,
-        ),
-        log=lambda m: None,
+    train_tiny(
+        data_dir,
+        tmp_path / "out",
+        position="rotary",
+        qk_norm=True,
+        activation="relu2",
+        max_iters=5,
+        eval_interval=5,
+        eval_iters=1,
     )
     server = start_server(tmp_path / "out")
     try:
