@@ -2,7 +2,7 @@
 
     python prepare.py                                  # once: data/shakespeare_char/
     python train.py config/shakespeare_char_cpu.py     # small model, a laptop CPU: 1,000 steps, into out-cpu/
-    python train.py config/shakespeare_char.py         # the lecture's quality: 2,600 steps, 15 minutes on 2 cores, into out/
+    python train.py config/shakespeare_char.py         # the lecture's quality: 2,600 steps, 13-15 minutes on 2 cores, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
     python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
