@@ -22,6 +22,9 @@ chargpt/engine.py; delete the file to measure again).
 for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a heatmap is
 how much the character at t takes from each earlier one, so everything above the diagonal
 is empty). It needs matplotlib; --max_new_tokens 0 gives the picture alone.
+
+On a CPU, --threads=0 (the default) generates on the cores other programs leave free, as
+train.py does (chargpt/machine.py says why); it says so on stderr when that is fewer than all.
 """
 
 import math
@@ -33,7 +36,7 @@ import torch
 from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chargpt.config import HelpRequested, SampleConfig, parse
 from chargpt.engine import generate_tokens
-from chargpt.machine import resolve_device
+from chargpt.machine import Threads, resolve_device
 from chargpt.memory import check_sampling_memory
 
 
@@ -85,6 +88,8 @@ def main(argv=None):
         config.validate()
         prompt = config.prompt()
         device = resolve_device(config.device)
+        # on a CPU, the cores other programs leave free: what they take is looked at from here to the first character
+        threads = Threads(config.threads, log=lambda message: print(message, file=sys.stderr)) if device == "cpu" else None
         path = find_checkpoint(config.out_dir)
         model, tokenizer = model_from_checkpoint(load_checkpoint(path, device), device, path)
         try:
@@ -100,8 +105,13 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    if threads is not None:
+        threads.adjust(look=LOOK_SECONDS)
     print_samples(generate_tokens(model, prompt_ids, config), prompt, tokenizer, config.num_samples)
     return 0
+
+
+LOOK_SECONDS = 0.1  # of other programs' CPU time before sampling (20 clock ticks on 2 cores), waited for if loading was quicker
 
 
 def write_attention(model, tokenizer, prompt_ids, png, path):

@@ -39,6 +39,11 @@ Limits, so that a few clients cannot stop it for everyone (each one a flag):
                          a client gets 503 and Retry-After at once
     --max_generations    generations streamed at once; beyond it /api/generate answers 503 and Retry-After
 Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN, not socketserver's 5.
+
+On a CPU each generation takes its share of the cores that other programs (the browser
+showing the page, among them) leave free, looked at when it starts and every second after
+(--threads=0, the default; chargpt/machine.py says why): two threads on a core that another
+program keeps busy wait for each other at every step.
 """
 
 import errno
@@ -64,13 +69,14 @@ import torch
 from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
 from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, check_choice, knob, parse
 from chargpt.engine import generate_tokens, resolve_decode_dtype
-from chargpt.machine import resolve_device
+from chargpt.machine import Threads, resolve_device
 from chargpt.metrics import read_records
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chargpt", "playground.html")
 MAX_BODY_BYTES = 1 << 20  # a request body, before it is even parsed
 TOP = 5  # next-character guesses shown per position
 STREAM_SEND_BUFFER = 64 * 1024  # bytes: a stream's send buffer (a character's event is about 20), a reply's pieces
+THREADS_LOOK_SECONDS = 1.0  # how often a streaming generation looks again at the cores left free
 RETRY_AFTER = "1"  # seconds a 503 asks a client to wait: a stream ends, or a connection closes, that often
 # the Host header of a request to a loopback address: its name or address, and any port (ASCII
 # only: with re.IGNORECASE alone, the Kelvin sign would match a "k")
@@ -96,6 +102,10 @@ class ServeConfig:
     max_generations: int = knob(
         4, "generations streamed at once, each busy on the CPU or GPU; beyond it /api/generate answers 503"
     )
+    threads: int = knob(
+        0,
+        "CPU threads of each generation: 0 shares the cores other programs leave free among the generations streaming, looked at every second; N: exactly N",
+    )
 
     def validate(self):
         if not 0 <= self.port <= 65535:
@@ -103,6 +113,8 @@ class ServeConfig:
         check_choice("decode_dtype", self.decode_dtype, ("auto", *DECODE_DTYPE_NAMES))
         if not 0 < self.timeout < math.inf:
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
+        if self.threads < 0:
+            raise ValueError(f"--threads must be 0 (automatic) or more, got {self.threads}")
         for key in ("max_new_tokens_limit", "max_chars", "max_connections", "max_generations"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
@@ -277,6 +289,8 @@ class Playground:
         self.slots = threading.BoundedSemaphore(config.max_generations)  # one per generation streaming now
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
         self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
+        # on a CPU, each generation's threads: what other programs and the other generations leave free
+        self.threads = Threads(config.threads) if self.device == "cpu" else None
 
     # -- the checkpoint: the newest in out_dir, looked for at every request
 
@@ -457,6 +471,15 @@ class Playground:
         with self.lock:
             self.running -= 1
             self.finished.append((generated, asked, left))
+
+    def share_cores(self):
+        """Set the calling generation's threads (a CPU only): its share of the cores that other
+        programs leave free, among the generations streaming now. The number, or None."""
+        if self.threads is None:
+            return None
+        with self.lock:
+            running = self.running
+        return self.threads.adjust(streams=max(1, running))
 
     def stop(self, seconds=10.0):
         """End each generation at its next character, and wait (up to seconds) until they have:
@@ -723,9 +746,12 @@ class Handler(BaseHTTPRequestHandler):
         generated, ended, tokens, t0 = [], "generated", None, time.time()
         with playground.lock:
             playground.running += 1
+        threads, looked = playground.share_cores(), time.time()
         try:
             tokens = generate_tokens(loaded.model, prompt_ids, config)
             for token in tokens:  # (1,)
+                if time.time() - looked > THREADS_LOOK_SECONDS:  # a program that started or stopped meanwhile
+                    threads, looked = playground.share_cores(), time.time()
                 if playground.stopping.is_set():  # Ctrl-C: end between two characters (Playground.stop)
                     ended = "stopped (Ctrl-C) after"
                     self.send_event({"error": "server: stopped (Ctrl-C)", "field": "server"}, event="error")
@@ -759,7 +785,8 @@ class Handler(BaseHTTPRequestHandler):
             if tokens is not None:
                 tokens.close()  # ends model.generate where it stands
             playground.record(len(generated), config.max_new_tokens, ended.startswith("client"))
-        playground.log(f"generate: {ended} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s")
+        on = f", {threads} thread{'s' if threads > 1 else ''}" if threads else ""
+        playground.log(f"generate: {ended} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s{on}")
 
 
 class Server(ThreadingHTTPServer):

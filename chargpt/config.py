@@ -276,8 +276,11 @@ class SampleConfig:
     attention: str = knob(
         "", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)"
     )
+    threads: int = knob(0, "CPU threads: 0 uses the cores other programs leave free; N: exactly N")
 
     def validate(self):
+        if self.threads < 0:
+            raise ValueError(f"--threads must be 0 (automatic) or more, got {self.threads}")
         if self.num_samples < 1:
             raise ValueError(f"--num_samples must be at least 1, got {self.num_samples}")
         if self.max_new_tokens < 0:

@@ -59,6 +59,7 @@ import json
 import os
 import platform
 import sys
+import threading
 import time
 from dataclasses import dataclass
 
@@ -345,12 +346,15 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=512 * 2**20):
 # recipe's step went from 10 ms to 60-360 ms on the 2-core Xeons of the README with another
 # program running, and to 16-19 ms with one thread. (Letting threads sleep instead,
 # OMP_WAIT_POLICY=PASSIVE, cost 2.6x on the quiet machine.) So a CPU run uses the cores
-# that other programs leave free, looked at again at each eval.
+# that other programs leave free, looked at again at each eval; generation (sample.py,
+# serve.py) does the same before it starts and, in the server, every second it streams.
+# The setting is the calling thread's own: each of a server's generations has its own.
 
 
-def threads_for(cores, others):
-    """How many threads to run on cores when other programs keep `others` of them busy."""
-    return max(1, min(cores, round(cores - others)))
+def threads_for(cores, others, streams=1):
+    """How many threads each of `streams` computations running at once should take on cores
+    when other programs keep `others` of them busy."""
+    return max(1, min(cores, round(cores - others)) // streams)
 
 
 class CpuShare:
@@ -364,6 +368,9 @@ class CpuShare:
 
     def _sample(self):
         return self.clock(), self.read_stat(), self.own_seconds()
+
+    def since_last_look(self):
+        return self.clock() - self.mark[0]
 
     def others(self):
         """Cores busy with other programs, on average since the last call (or the start)."""
@@ -387,27 +394,38 @@ def _busy_seconds():
 
 
 class Threads:
-    """--threads for a CPU run: a fixed number, or (0) the cores other programs leave free,
-    decided at the first eval and again at each one after."""
+    """--threads on a CPU: a fixed number, or (0) the cores other programs leave free, looked
+    at when asked (train.py: at each eval; sample.py: before it generates; serve.py: as
+    each generation streams). Safe to share between a server's threads."""
 
-    def __init__(self, setting, log, share=None):
+    def __init__(self, setting, log=None, share=None):
         self.fixed, self.log = setting, log
         self.cores = torch.get_num_threads()  # PyTorch's choice: the physical cores, or OMP_NUM_THREADS
         self.share = share if share is not None else (CpuShare() if not setting else None)
+        self.others = 0.0  # what the last look saw
+        self.lock = threading.Lock()
         if setting:
-            torch.set_num_threads(setting)
+            torch.set_num_threads(setting)  # threads started later begin with it too
 
-    def adjust(self):
-        """Look at what other programs take, and say so when the number of threads changes."""
+    def adjust(self, streams=1, look=0.0):
+        """Set this thread's torch threads for one of `streams` computations running at once;
+        return the number. With a log, say so when it changes. look: the seconds the look
+        must cover at least (sample.py's only look), waited for where fewer have passed."""
         if self.fixed or self.cores == 1:
-            return
-        others = self.share.others()
-        if others is None:
-            return
-        threads = threads_for(self.cores, others)
+            return torch.get_num_threads()
+        with self.lock:  # CpuShare keeps the time of the last look
+            time.sleep(max(0.0, look - self.share.since_last_look()))
+            others = self.share.others()
+            if others is not None:  # None: too soon since the last look, or no /proc/stat
+                self.others = others
+            threads = threads_for(self.cores, self.others, streams)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            self.log(f"threads: {threads} of {self.cores} (other programs keep {others:.1f} cores busy; --threads=N fixes it)")
+            if self.log:
+                self.log(
+                    f"threads: {threads} of {self.cores} (other programs keep {self.others:.1f} cores busy; --threads=N fixes it)"
+                )
+        return threads
 
 
 # -----------------------------------------------------------------------------

@@ -59,6 +59,11 @@ def test_threads_for_leave_the_cores_other_programs_use():
     assert machine.threads_for(8, 3.0) == 5
 
 
+def test_threads_for_share_the_free_cores_among_computations_running_at_once():
+    assert machine.threads_for(2, 0.0, streams=2) == 1 and machine.threads_for(8, 0.0, streams=2) == 4
+    assert machine.threads_for(8, 3.0, streams=2) == 2 and machine.threads_for(2, 0.0, streams=5) == 1
+
+
 def test_cpu_share_is_the_machines_busy_time_less_this_process():
     # 2 s pass; the machine is busy for 3 s of CPU time, 1 s of it this process's: 1 core's worth from others
     share = machine.CpuShare(read_stat=iter([100.0, 103.0]).__next__, own_seconds=iter([5.0, 6.0]).__next__,
@@ -68,8 +73,11 @@ def test_cpu_share_is_the_machines_busy_time_less_this_process():
 
 
 class FakeShare:
-    def __init__(self, values):
-        self.values = iter(values)
+    def __init__(self, values, since_last_look=1.0):
+        self.values, self.seconds = iter(values), since_last_look
+
+    def since_last_look(self):
+        return self.seconds
 
     def others(self):
         return next(self.values)
@@ -96,3 +104,35 @@ def test_a_fixed_number_of_threads_is_kept(monkeypatch):
     threads = machine.Threads(3, lambda m: pytest.fail("nothing to say"), share=FakeShare([1.9]))
     threads.adjust()
     assert calls == [3]
+
+
+def test_a_look_too_short_to_say_anything_is_waited_out(monkeypatch):
+    """sample.py looks once: where loading took less than the look needs, it waits for the rest."""
+    slept = []
+    monkeypatch.setattr(machine.time, "sleep", slept.append)
+    threads = machine.Threads(0, share=FakeShare([1.0], since_last_look=0.03))
+    threads.cores = 2
+    assert threads.adjust(look=0.1) == 1 and slept == [pytest.approx(0.07)]
+
+
+def test_each_thread_has_its_own_number_of_threads():
+    """A server's generations run in threads of their own, each with its own setting."""
+    import threading
+
+    import torch
+
+    threads = machine.Threads(0, share=FakeShare([1.0, 0.0, 0.0]))
+    threads.cores = 2
+    seen = []
+
+    def generation(streams):
+        seen.append((threads.adjust(streams=streams), torch.get_num_threads()))
+
+    before = torch.get_num_threads()
+    for streams in (1, 1, 2):
+        worker = threading.Thread(target=generation, args=(streams,))
+        worker.start()
+        worker.join()
+    # one core busy elsewhere; then both free; then both free for two generations at once
+    assert seen == [(1, 1), (2, 2), (1, 1)]
+    assert torch.get_num_threads() == before  # the thread that started them keeps its own (1 or 2: one differs)

@@ -201,3 +201,31 @@ def test_the_attention_picture_labels_every_character_and_leaves_the_future_blan
     # a prompt longer than can be labelled one by one: every k-th, and the title says so
     fig = sample_py.draw_attention(torch.ones(1, 1, 200, 200) / 200, "x" * 200, str(tmp_path / "b.png"))
     assert len(fig.axes[0].get_xticklabels()) == 67 and fig.get_suptitle() == "200 characters, one label every 3"
+
+
+class BusyElsewhere:
+    """chargpt.machine.CpuShare as it reads while another program keeps one core busy."""
+
+    def since_last_look(self):
+        return 1.0
+
+    def others(self):
+        return 1.0
+
+
+def test_a_busy_core_is_left_to_the_program_on_it(trained, capsys, monkeypatch):
+    from chargpt import machine
+
+    flags = [f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=40", "--seed=3"]
+    code, alone, err = run_main(capsys, *flags, "--threads=1")
+    assert code == 0 and err == ""
+    monkeypatch.setattr(machine, "CpuShare", BusyElsewhere)
+    monkeypatch.setattr(machine.torch, "get_num_threads", lambda: 2)  # a 2-core machine, whatever this one is
+    code, out, err = run_main(capsys, *flags)
+    assert code == 0 and out == alone  # the same text, on the core left free
+    assert err == "threads: 1 of 2 (other programs keep 1.0 cores busy; --threads=N fixes it)"
+
+
+def test_a_negative_number_of_threads_is_an_error(trained, capsys):
+    code, out, err = run_main(capsys, f"--out_dir={trained}", "--threads=-1")
+    assert code == 1 and err == "sample.py: error: --threads must be 0 (automatic) or more, got -1"

@@ -928,3 +928,55 @@ def test_the_health_panel_shows_the_runs_health_records(server, trained):
         assert item.text == message and item.get_attribute("data-kind") == "overfitting"
     finally:
         driver.quit()
+
+
+class BusyElsewhere:
+    """chargpt.machine.CpuShare as it reads while another program keeps one core busy."""
+
+    def since_last_look(self):
+        return 1.0
+
+    def others(self):
+        return 1.0
+
+
+def test_a_generation_leaves_a_busy_core_to_the_program_on_it(trained):
+    from chargpt.machine import Threads
+
+    lines = []
+    with running(trained, log=lines.append) as server:
+        server.playground.threads = Threads(0, share=BusyElsewhere())
+        server.playground.threads.cores = 2  # a 2-core machine, whatever this one is
+        text = streamed_text(server, prompt="KING", max_new_tokens=30, seed=4)
+    generations = [line for line in lines if line.startswith("generate:")]
+    assert len(generations) == 1 and generations[0].startswith("generate: generated 30 of 30 characters in ")
+    assert generations[0].endswith(", 1 thread"), generations
+    with running(trained, threads=1) as fixed:
+        assert streamed_text(fixed, prompt="KING", max_new_tokens=30, seed=4) == text  # the same text
+
+
+def test_generations_at_once_share_the_free_cores(trained):
+    from chargpt.machine import Threads
+
+    with running(trained) as server:
+        playground = server.playground
+        playground.threads = Threads(0, share=FakeQuiet())
+        playground.threads.cores = 2
+        shares = []
+        for running_now in (1, 2):
+            playground.running = running_now
+            worker = threading.Thread(target=lambda: shares.append(playground.share_cores()))  # a generation's own thread
+            worker.start()
+            worker.join()
+        playground.running = 0
+    assert shares == [2, 1]  # alone: both cores; two at once: one each
+
+
+class FakeQuiet(BusyElsewhere):
+    def others(self):
+        return 0.0
+
+
+def test_a_negative_number_of_threads_is_refused(trained):
+    with pytest.raises(ValueError, match=r"--threads must be 0 \(automatic\) or more, got -1"):
+        serve.Playground(serve.ServeConfig(out_dir=str(trained), threads=-1))
