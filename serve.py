@@ -282,6 +282,11 @@ class Playground:
         self.notice = self.no_checkpoint  # what the page should say about the checkpoint: none yet, or one that did not load
         self.failed = None  # the stamp of a checkpoint that did not load: tried again only once it changes
         self.loading = threading.Lock()  # one load at a time; the other requests serve the model there is
+        # on a CPU, each generation's threads: what other programs and the other generations leave
+        # free; this thread computes with one (chargpt/machine.py: a team here slows theirs 4x)
+        self.threads = Threads(config.threads) if self.device == "cpu" else None
+        if self.threads is not None:
+            torch.set_num_threads(1)
         self.refresh(at_start=True)  # a damaged checkpoint at the start is an error, not a notice
         # what the generations did, for the log and the tests; guarded because requests run in threads
         self.lock = threading.Lock()
@@ -289,8 +294,6 @@ class Playground:
         self.slots = threading.BoundedSemaphore(config.max_generations)  # one per generation streaming now
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
         self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
-        # on a CPU, each generation's threads: what other programs and the other generations leave free
-        self.threads = Threads(config.threads) if self.device == "cpu" else None
 
     # -- the checkpoint: the newest in out_dir, looked for at every request
 

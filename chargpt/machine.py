@@ -348,7 +348,11 @@ def keep_freed_memory(mmap_threshold=32 * 2**20, trim_threshold=512 * 2**20):
 # OMP_WAIT_POLICY=PASSIVE, cost 2.6x on the quiet machine.) So a CPU run uses the cores
 # that other programs leave free, looked at again at each eval; generation (sample.py,
 # serve.py) does the same before it starts and, in the server, every second it streams.
-# The setting is the calling thread's own: each of a server's generations has its own.
+# The setting is the calling thread's own (and the default of threads started later): each
+# of a server's generations sets its own. One catch, measured with GNU OpenMP on 2 cores:
+# once one thread has run a team of 2, another thread's team of 2 waits in the kernel
+# instead of spinning, 4-10x slower an operation; serve.py's main thread therefore computes
+# with one thread and leaves the teams to the generations.
 
 
 def threads_for(cores, others, streams=1):
@@ -412,16 +416,17 @@ class Threads:
         return the number. With a log, say so when it changes. look: the seconds the look
         must cover at least (sample.py's only look), waited for where fewer have passed."""
         if self.fixed or self.cores == 1:
-            return torch.get_num_threads()
-        with self.lock:  # CpuShare keeps the time of the last look
-            time.sleep(max(0.0, look - self.share.since_last_look()))
-            others = self.share.others()
-            if others is not None:  # None: too soon since the last look, or no /proc/stat
-                self.others = others
-            threads = threads_for(self.cores, self.others, streams)
+            threads = self.fixed or 1
+        else:
+            with self.lock:  # CpuShare keeps the time of the last look
+                time.sleep(max(0.0, look - self.share.since_last_look()))
+                others = self.share.others()
+                if others is not None:  # None: too soon since the last look, or no /proc/stat
+                    self.others = others
+                threads = threads_for(self.cores, self.others, streams)
         if threads != torch.get_num_threads():
             torch.set_num_threads(threads)
-            if self.log:
+            if self.log and not self.fixed:
                 self.log(
                     f"threads: {threads} of {self.cores} (other programs keep {self.others:.1f} cores busy; --threads=N fixes it)"
                 )

@@ -102,8 +102,7 @@ def test_a_fixed_number_of_threads_is_kept(monkeypatch):
     calls = []
     monkeypatch.setattr(machine.torch, "set_num_threads", calls.append)
     threads = machine.Threads(3, lambda m: pytest.fail("nothing to say"), share=FakeShare([1.9]))
-    threads.adjust()
-    assert calls == [3]
+    assert threads.adjust() == 3 and set(calls) == {3}  # set again where this thread had another number
 
 
 def test_a_look_too_short_to_say_anything_is_waited_out(monkeypatch):
