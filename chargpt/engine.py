@@ -200,7 +200,9 @@ def generate(model, idx, max_new_tokens, temperature=1.0, top_k=0, top_p=1.0, ge
         else:
             logits = decoder(idx[:, -1:], cache)  # (B, V)
         idx_next = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-        idx = torch.cat((idx, idx_next[:, None]), dim=1)  # (B, T+1)
+        # the context the next step can use: the last block_size tokens and the new one, not a
+        # copy of the whole text that grows with every character
+        idx = torch.cat((idx[:, -block_size:], idx_next[:, None]), dim=1)  # (B, <= block_size + 1)
         yield idx_next
 
 
