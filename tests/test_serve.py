@@ -114,6 +114,17 @@ def send_raw(server, data, timeout=60, receive_buffer=None):
     return client
 
 
+def open_stream(server, max_new_tokens=LIMIT, seed=3):
+    """(socket, bytes received): a generation of KING:'s continuation that has begun to stream
+    (three characters in) and goes on while the test does something else."""
+    body = json.dumps({"prompt": "KING:", "max_new_tokens": max_new_tokens, "seed": seed}).encode()
+    streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
+    received = b""
+    while received.count(b"data: ") < 3:
+        received += streaming.recv(4096)
+    return streaming, received
+
+
 def read_reply(client):
     """(status, {header: value} with lower-case names, body) of all the server sends before it closes."""
     with client:
@@ -371,11 +382,7 @@ def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_mod
         assert call(server, "GET", "/api/info", headers={"If-None-Match": etag})[0] == 304  # unchanged: nothing sent
         old = server.playground.loaded
         # a stream begins with the old model ...
-        body = json.dumps({"prompt": "KING:", "max_new_tokens": 2000, "seed": 5}).encode()
-        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += streaming.recv(4096)
+        streaming, received = open_stream(server, max_new_tokens=2000, seed=5)
         # ... and a run writes a better model meanwhile
         write_checkpoint(out / "best.pt", out / "best.pt", 80, seed=1)
         status, response, info = call(server, "GET", "/api/info", headers={"If-None-Match": etag})
@@ -561,11 +568,7 @@ def test_a_burst_of_connects_waits_in_the_listen_backlog(trained):
 def test_generations_beyond_max_generations_get_503_and_a_slot_frees_when_a_client_leaves(trained):
     with running(trained, max_generations=1) as server:
         playground = server.playground
-        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
-        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += streaming.recv(4096)
+        streaming, _ = open_stream(server)
         status, response, answer = call(server, "POST", "/api/generate", {"prompt": "KING:", "max_new_tokens": 5})
         assert status == 503 and response.getheader("Retry-After") == "1" and answer["field"] == "server"
         assert "1 generation(s) streaming" in answer["error"] and "--max_generations" in answer["error"]
@@ -638,11 +641,7 @@ def test_clients_that_leave_before_their_answer_cost_a_log_line_at_most(trained,
 def test_stop_ends_open_streams_between_characters(trained):
     with running(trained) as server:
         playground = server.playground
-        body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
-        streaming = send_raw(server, request_bytes("POST", "/api/generate", body))
-        received = b""
-        while received.count(b"data: ") < 3:
-            received += streaming.recv(4096)
+        streaming, received = open_stream(server)
         playground.stop()
         assert playground.running == 0
         with streaming:
@@ -878,11 +877,7 @@ def test_the_page_asks_a_busy_server_once_more_then_gives_up(trained):
     lines = []
     try:
         with running(trained, max_generations=1, log=lines.append) as server:
-            body = json.dumps({"prompt": "KING:", "max_new_tokens": LIMIT, "seed": 3}).encode()
-            streaming = send_raw(server, request_bytes("POST", "/api/generate", body))  # holds the only slot
-            received = b""
-            while received.count(b"data: ") < 3:
-                received += streaming.recv(4096)
+            streaming, _ = open_stream(server)  # holds the only slot
             driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
             wait = WebDriverWait(driver, 30)
             wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())

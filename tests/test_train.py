@@ -12,7 +12,7 @@ import torch
 import train
 from chargpt.checkpoint import load_checkpoint, model_from_checkpoint, save_checkpoint
 from chargpt.data import BatchSampler
-from conftest import ROOT, tiny_configs
+from conftest import ROOT, tiny_configs, tiny_flags
 from model import GPT, GPTConfig
 
 
@@ -55,23 +55,18 @@ def test_muon_run_learns_and_uses_muon_for_the_block_matrices_only(data_dir, tmp
 def test_a_muon_run_does_not_import_torch_dynamo(data_dir, tmp_path):
     """torch._dynamo takes 1.5 s to import, a tenth of the CPU recipe's run: neither the
     memory check nor the optimizer may pull it in (only --compile needs it)."""
-    flags = [
-        f"--{k}={v}"
-        for k, v in dict(
-            data_dir=data_dir,
-            dataset="tiny",
-            out_dir=tmp_path / "o",
-            device="cpu",
-            n_layer=1,
-            n_head=2,
-            n_embd=16,
-            block_size=8,
-            max_iters=2,
-            eval_iters=1,
-            optimizer="muon",
-            sample_chars=0,
-        ).items()
-    ]
+    flags = tiny_flags(
+        data_dir,
+        tmp_path / "o",
+        dtype="auto",
+        n_layer=1,
+        n_embd=16,
+        block_size=8,
+        max_iters=2,
+        eval_iters=1,
+        optimizer="muon",
+        sample_chars=0,
+    )
     code = f"import sys, train; assert train.main({flags!r}) == 0; print('torch._dynamo' in sys.modules)"
     result = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert result.returncode == 0, result.stderr
