@@ -46,6 +46,8 @@ showing the page, among them) leave free, looked at when it starts and every sec
 program keeps busy wait for each other at every step.
 """
 
+import asyncio
+import contextlib
 import errno
 import hashlib
 import io
@@ -54,6 +56,8 @@ import json
 import math
 import os
 import re
+import select
+import signal
 import socket
 import stat
 import sys
@@ -62,7 +66,7 @@ import time
 import traceback
 from dataclasses import dataclass
 from http import HTTPStatus
-from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from http.server import BaseHTTPRequestHandler
 
 import torch
 
@@ -71,13 +75,19 @@ from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, chec
 from chargpt.engine import generate_tokens, resolve_decode_dtype
 from chargpt.machine import Threads, resolve_device
 from chargpt.metrics import read_records
+from chargpt.turns import Turns
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chargpt", "playground.html")
 MAX_BODY_BYTES = 1 << 20  # a request body, before it is even parsed
 TOP = 5  # next-character guesses shown per position
 STREAM_SEND_BUFFER = 64 * 1024  # bytes: a stream's send buffer (a character's event is about 20), a reply's pieces
 THREADS_LOOK_SECONDS = 1.0  # how often a streaming generation looks again at the cores left free
-RETRY_AFTER = "1"  # seconds a 503 asks a client to wait: a stream ends, or a connection closes, that often
+RETRY_AFTER = "1"  # seconds a 503 for a full server asks a client to wait: connections come and go that often
+QUEUE_LOOK_SECONDS = 0.25  # how often a client waiting its turn is looked at: has it gone?
+MAX_CONNECTIONS = 4096  # --max_connections=0: as many as the open files allow, up to this (the listen backlog's size)
+FEW_CONNECTIONS = 8  # fewer than this, and the server refuses to start: a handful of clients each want a few
+SPARE_FILES = 32  # open files kept free for the server itself beyond those open at start: a checkpoint, the page
+MAX_HEAD_BYTES = 256 * 1024  # a request's bytes held without a blank line before a thread takes over (and refuses it)
 # the Host header of a request to a loopback address: its name or address, and any port (ASCII
 # only: with re.IGNORECASE alone, the Kelvin sign would match a "k")
 LOOPBACK_HOST = re.compile(r"(localhost|127\.0\.0\.1|\[::1\])(:[0-9]{1,5})?", re.IGNORECASE | re.ASCII)
@@ -97,10 +107,16 @@ class ServeConfig:
         10.0, "seconds a client has to send its whole request, and that a reply waits on a client that does not read"
     )
     max_connections: int = knob(
-        128, "connections served at once, a thread and an open file each; beyond it a client gets 503 at once"
+        0,
+        f"connections open at once, an open file each (0: as many as the open files allow, at most {MAX_CONNECTIONS}); "
+        "beyond it, the one that has sent least for longest is closed for the newcomer",
     )
     max_generations: int = knob(
-        4, "generations streamed at once, each busy on the CPU or GPU; beyond it /api/generate answers 503"
+        0,
+        "generations computing at once, each busy on the CPU or GPU (0: one per core on a CPU, 4 on a GPU; see docs/playground.md)",
+    )
+    max_queue: int = knob(
+        64, "generations that may wait their turn, first come first served; beyond it /api/generate answers 503"
     )
     threads: int = knob(
         0,
@@ -115,9 +131,12 @@ class ServeConfig:
             raise ValueError(f"--timeout must be a positive number of seconds, got {self.timeout}")
         if self.threads < 0:
             raise ValueError(f"--threads must be 0 (automatic) or more, got {self.threads}")
-        for key in ("max_new_tokens_limit", "max_chars", "max_connections", "max_generations"):
+        for key in ("max_new_tokens_limit", "max_chars"):
             if getattr(self, key) < 1:
                 raise ValueError(f"--{key} must be at least 1, got {getattr(self, key)}")
+        for key in ("max_connections", "max_generations", "max_queue"):
+            if getattr(self, key) < 0:
+                raise ValueError(f"--{key} must be 0 or more, got {getattr(self, key)}")
 
 
 class RequestError(Exception):
@@ -271,8 +290,9 @@ class Playground:
             "limits": {
                 "max_new_tokens": config.max_new_tokens_limit,
                 "max_chars": config.max_chars,
-                "max_generations": config.max_generations,
-                "max_connections": config.max_connections,
+                "max_generations": None,  # below, once the cores are known
+                "max_queue": config.max_queue,
+                "max_connections": config.max_connections or None,  # the Server's, once it knows the open files
                 "timeout": config.timeout,
             },
             "defaults": {key: default for key, (_, default) in GENERATE_FIELDS.items()},
@@ -287,11 +307,13 @@ class Playground:
         self.threads = Threads(config.threads) if self.device == "cpu" else None
         if self.threads is not None:
             torch.set_num_threads(1)
+        # generations computing at once, and a queue for the others (docs/playground.md: measured)
+        slots = config.max_generations or (self.threads.cores if self.threads is not None else 4)
+        self.turns = Turns(slots, config.max_queue)
+        self.info["limits"]["max_generations"] = slots
         self.refresh(at_start=True)  # a damaged checkpoint at the start is an error, not a notice
         # what the generations did, for the log and the tests; guarded because requests run in threads
         self.lock = threading.Lock()
-        self.running = 0
-        self.slots = threading.BoundedSemaphore(config.max_generations)  # one per generation streaming now
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
         self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
 
@@ -355,7 +377,8 @@ class Playground:
     def info_now(self):
         """/api/info's answer: the server's facts, and the checkpoint's (null fields before the first)."""
         loaded = self.refresh()
-        return {**self.info, "has_model": loaded is not None, "notice": self.notice, **(loaded.info if loaded else NO_MODEL)}
+        facts = loaded.info if loaded else NO_MODEL
+        return {**self.info, "generations": self.turns.counts(), "has_model": loaded is not None, "notice": self.notice, **facts}
 
     # -- the endpoints' work, free of HTTP
 
@@ -472,7 +495,6 @@ class Playground:
 
     def record(self, generated, asked, left):
         with self.lock:
-            self.running -= 1
             self.finished.append((generated, asked, left))
 
     def share_cores(self):
@@ -480,32 +502,41 @@ class Playground:
         programs leave free, among the generations streaming now. The number, or None."""
         if self.threads is None:
             return None
-        with self.lock:
-            running = self.running
-        return self.threads.adjust(streams=max(1, running))
+        return self.threads.adjust(streams=max(1, self.turns.counts()["computing"]))
 
-    def stop(self, seconds=10.0):
-        """End each generation at its next character, and wait (up to seconds) until they have:
-        Python exiting while a thread is still inside PyTorch aborts the process ("terminate
-        called without an active exception")."""
+    def stop(self, seconds=2.0):
+        """End each generation at its next character, and each wait in the queue, and wait (up
+        to seconds) until they have; True if they all have. Python exiting while a thread is
+        still inside PyTorch aborts the process ("terminate called without an active
+        exception"), so main() does not let Python exit while one is (see there)."""
         self.stopping.set()
+        with self.turns.changed:
+            self.turns.changed.notify_all()  # those waiting their turn hear it now
         deadline = time.monotonic() + seconds
-        while self.running and time.monotonic() < deadline:
+        while any(self.turns.counts().values()) and time.monotonic() < deadline:
             time.sleep(0.01)
+        return not any(self.turns.counts().values())
 
 
 class RequestReader(io.RawIOBase):
-    """A connection's bytes, all due by one deadline: a client that sends its request a byte at
-    a time cannot hold a thread longer than one that sends nothing (a socket's own timeout
-    starts afresh at every byte). Writes keep the plain timeout."""
+    """A connection's bytes: first those the event loop received (Server.receive), then the
+    socket's, all due by one deadline: a client that sends its request a byte at a time
+    cannot hold a thread longer than one that sends nothing (a socket's own timeout starts
+    afresh at every byte). Writes keep the plain timeout."""
 
-    def __init__(self, sock, seconds):
-        self.sock, self.seconds, self.deadline = sock, seconds, time.monotonic() + seconds
+    def __init__(self, sock, seconds, received, deadline):
+        self.sock, self.seconds, self.deadline = sock, seconds, deadline
+        self.received, self.at = memoryview(received), 0
 
     def readable(self):
         return True
 
     def readinto(self, buffer):
+        if self.at < len(self.received):
+            n = min(len(buffer), len(self.received) - self.at)
+            buffer[:n] = self.received[self.at : self.at + n]
+            self.at += n
+            return n
         left = self.deadline - time.monotonic()
         if left <= 0:
             raise TimeoutError("timed out")
@@ -532,11 +563,16 @@ class Handler(BaseHTTPRequestHandler):
     # answer is the body alone, with no status line a client could read the error from
     default_request_version = "HTTP/1.0"
 
+    def __init__(self, arriving, server):
+        self.arriving = arriving  # the connection as the event loop received it
+        super().__init__(arriving.sock, arriving.address, server)
+
     def setup(self):
         self.timeout = self.server.playground.config.timeout  # the socket's, so every write waits at most this
         super().setup()
         self.rfile.close()
-        self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout))
+        deadline = self.arriving.start + self.timeout  # from the connect, not from this thread's start
+        self.rfile = io.BufferedReader(RequestReader(self.connection, self.timeout, self.arriving.data, deadline))
         # what an answer needs before the request line is parsed (a client that times out in it)
         self.command, self.path, self.request_version, self.requestline = None, "", "HTTP/1.0", ""
         self.answered = False  # once a status line is out, an error can only end the connection
@@ -718,37 +754,79 @@ class Handler(BaseHTTPRequestHandler):
     def post_generate(self):
         playground = self.server.playground
         config, prompt_ids, loaded = playground.generation(self.read_json())
-        # a generation keeps a core busy for as long as it streams: beyond a few at once, each
-        # would only slow the others down
         if playground.stopping.is_set():
             raise RequestError(503, "server", "stopping (Ctrl-C)")
-        if not playground.slots.acquire(blocking=False):
-            n = playground.config.max_generations
+        # a generation keeps a core busy for as long as it streams: beyond a few at once, each
+        # would only slow the others down, so the others wait their turn
+        turns = playground.turns
+        ticket = turns.join()
+        if ticket is None:
+            seconds = turns.retry_after()
             raise RequestError(
                 503,
                 "server",
-                f"busy: {n} generation(s) streaming, this server's limit (--max_generations); try again in {RETRY_AFTER} s",
-                headers=[("Retry-After", RETRY_AFTER)],
+                f"busy: {turns.max_waiting} generation(s) waiting, this server's limit (--max_queue), behind "
+                f"{turns.slots} computing; try again in {seconds} s",
+                headers=[("Retry-After", str(seconds))],
             )
         try:
-            self.stream(config, prompt_ids, loaded)
+            # a send buffer of fixed size, where the kernel would grow it to megabytes: a client that
+            # stops reading blocks its generation, then ends it (--timeout), within a few thousand characters
+            self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream; charset=utf-8")
+            self.send_header("Cache-Control", "no-cache")
+            self.end_headers()
+            if self.wait_turn(ticket):
+                self.stream(config, prompt_ids, loaded)
         finally:
-            playground.slots.release()
+            turns.leave(ticket)
+
+    def wait_turn(self, ticket):
+        """Wait in the queue until ticket starts, telling the client how many are ahead of it
+        whenever that changes (an event "queued"); False if the client left, or the server
+        stops, first."""
+        playground, told, t0 = self.server.playground, None, time.monotonic()
+        try:
+            while True:
+                ahead = playground.turns.wait(ticket, 0 if told is None else QUEUE_LOOK_SECONDS)
+                if ticket.started:
+                    return True
+                if playground.stopping.is_set():
+                    self.send_event({"error": "server: stopped (Ctrl-C)", "field": "server"}, event="error")
+                    ended = "stopped (Ctrl-C)"
+                    break
+                if ahead != told:
+                    self.send_event({"queued": ahead}, event="queued")
+                    told = ahead
+                if self.client_gone():
+                    raise ConnectionError
+        except (ConnectionError, TimeoutError):
+            ended = "client left"
+        playground.log(f"generate: {ended} after {time.monotonic() - t0:.2f}s in the queue")
+        return False
+
+    def client_gone(self):
+        """Whether the client has closed its end: while it waits its turn nothing is written to
+        it, so a read is how to see it go (a poll, not a select: no limit on the file number)."""
+        if hasattr(select, "poll"):
+            poller = select.poll()
+            poller.register(self.connection, select.POLLIN)
+            readable = bool(poller.poll(0))
+        else:  # Windows
+            readable = bool(select.select([self.connection], [], [], 0)[0])
+        if not readable:
+            return False
+        try:
+            return self.connection.recv(1, socket.MSG_PEEK) == b""  # b"": closed; anything else it sent is ignored
+        except OSError:  # reset
+            return True
 
     def stream(self, config, prompt_ids, loaded):
         """config's text from loaded's model, as events: a newer checkpoint that lands meanwhile
         waits for the next generation."""
         playground = self.server.playground
-        # a send buffer of fixed size, where the kernel would grow it to megabytes: a client that
-        # stops reading blocks its generation, then ends it (--timeout), within a few thousand characters
-        self.connection.setsockopt(socket.SOL_SOCKET, socket.SO_SNDBUF, STREAM_SEND_BUFFER)
-        self.send_response(200)
-        self.send_header("Content-Type", "text/event-stream; charset=utf-8")
-        self.send_header("Cache-Control", "no-cache")
-        self.end_headers()
         generated, ended, tokens, t0 = [], "generated", None, time.time()
-        with playground.lock:
-            playground.running += 1
         threads, looked = playground.share_cores(), time.time()
         try:
             tokens = generate_tokens(loaded.model, prompt_ids, config)
@@ -792,28 +870,71 @@ class Handler(BaseHTTPRequestHandler):
         playground.log(f"generate: {ended} {len(generated)} of {config.max_new_tokens} characters in {time.time() - t0:.2f}s{on}")
 
 
-class Server(ThreadingHTTPServer):
-    daemon_threads = True  # a stream still open does not keep Ctrl-C waiting (Playground.stop ends it first)
-    # the listen backlog: a burst of connects waits there for accept(), where socketserver's
-    # 5 made the rest wait for their SYN to be sent again a second later (the kernel caps it
-    # at net.core.somaxconn)
-    request_queue_size = socket.SOMAXCONN
+def request_arrived(data):
+    """Whether data, a connection's first bytes, hold what a thread needs to answer at once:
+    the headers and the body their Content-Length announces; or what the thread will refuse
+    without reading on (no blank line within MAX_HEAD_BYTES, a length that is no number or
+    over MAX_BODY_BYTES). A client that closes early is handed over too (Server.receive)."""
+    ends = [i for i in (data.find(b"\n\r\n"), data.find(b"\n\n")) if i >= 0]
+    if not ends:
+        return len(data) > MAX_HEAD_BYTES
+    head = bytes(data[: min(ends)])
+    body_start = min(ends) + (3 if min(ends) == data.find(b"\n\r\n") else 2)
+    for line in head.split(b"\n")[1:]:
+        name, _, value = line.partition(b":")
+        if name.strip().lower() == b"content-length":  # the first, as the handler reads it
+            value = value.strip()
+            if not (value.isdigit() and len(value) <= 18) or int(value) > MAX_BODY_BYTES:
+                return True
+            return len(data) - body_start >= int(value)
+    return True  # no body announced
 
-    def __init__(self, playground):
-        host, port = playground.config.host, playground.config.port
-        if ":" in host:
-            self.address_family = socket.AF_INET6  # an IPv6 address such as ::1
+
+class Arriving:
+    """A connection whose request is still arriving, held by the event loop: a socket, what it
+    has sent, since when, and the timer that ends its wait at --timeout. No thread."""
+
+    __slots__ = ("sock", "address", "start", "data", "timer")
+
+    def __init__(self, sock, address):
+        self.sock, self.address, self.start, self.data, self.timer = sock, address, time.monotonic(), bytearray(), None
+
+
+class Server:
+    """The playground's HTTP server. An event loop (the standard library's asyncio, with
+    callbacks) accepts each connection and holds it, a socket and a timer, until its request
+    has arrived whole; only then does the request get a thread of its own, to answer in as
+    Handler does, and to stream a generation from. So a client that connects and sends
+    nothing, or a byte a second, costs a few hundred bytes and no thread, and hundreds of them
+    leave the others served at once. At --max_connections, the connection that has sent least
+    for longest is closed for the newcomer; only when every connection is being answered is a
+    newcomer refused (503). docs/playground.md says why this design and what it costs."""
+
+    def __init__(self, playground, max_connections=None):
+        config = playground.config
+        host, port = config.host, config.port
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET  # an IPv6 address such as ::1
         try:
-            super().__init__((host, port), Handler)
+            # the listen backlog: a burst of connects waits there (the kernel caps it at net.core.somaxconn)
+            self.socket = socket.create_server((host, port), family=family, backlog=socket.SOMAXCONN)
         except OSError as e:
-            raise OSError(f"cannot listen on --host={host} --port={port}: {e.strerror or e}") from None
-        self.playground = playground
+            why = os.strerror(e.errno) if e.errno else str(e)  # create_server adds the address to strerror
+            raise OSError(f"cannot listen on --host={host} --port={port}: {why}") from None
+        self.socket.setblocking(False)
+        self.server_address = self.socket.getsockname()
+        self.playground, self.timeout = playground, config.timeout
+        self.max_connections = max_connections or connection_cap(config.max_connections, *open_files())[0]
+        playground.info["limits"]["max_connections"] = self.max_connections
         try:
             self.loopback = ipaddress.ip_address(host).is_loopback
         except ValueError:
             self.loopback = host == "localhost"
-        self.connections = threading.BoundedSemaphore(playground.config.max_connections)  # one per request thread
-        self.quiet_until = 0.0  # the accept loop's warnings: at most one every 10 s
+        self.arriving = {}  # socket -> Arriving: the requests still arriving (the loop's own)
+        self.answering = set()  # the sockets of the requests being answered, a thread each
+        self.lock = threading.Lock()  # guards answering: the threads remove theirs
+        self.loop = asyncio.new_event_loop()
+        self.done = threading.Event()  # set when serve_forever returns
+        self.quiet_until = 0.0  # the warnings: at most one every 10 s
 
     @property
     def url(self):
@@ -822,91 +943,214 @@ class Server(ThreadingHTTPServer):
             host = "127.0.0.1"  # what this machine's browser can open
         return f"http://{f'[{host}]' if ':' in host else host}:{self.server_address[1]}/"
 
+    def open_connections(self):
+        with self.lock:
+            return len(self.arriving) + len(self.answering)
+
+    # -- the event loop's side: connections whose request is arriving
+
+    def serve_forever(self, signals=()):
+        """Accept and serve until shutdown() (from another thread) or one of signals arrives
+        (main(): SIGINT and SIGTERM, handled here even where the shell that started us ignores
+        them, as a background job's shell ignores SIGINT)."""
+        for sig in signals:
+            self.loop.add_signal_handler(sig, self.loop.stop)
+        self.loop.add_reader(self.socket, self.accept)
+        try:
+            self.loop.run_forever()
+        finally:
+            self.loop.remove_reader(self.socket)
+            for sig in signals:
+                self.loop.remove_signal_handler(sig)
+            for arriving in list(self.arriving.values()):
+                self.close(arriving)
+            self.done.set()
+
+    def shutdown(self):
+        """Stop serve_forever, from another thread, and wait until it has returned."""
+        self.loop.call_soon_threadsafe(self.loop.stop)
+        self.done.wait()
+
+    def server_close(self):
+        """Close the listening socket, the loop, and every connection still open: a thread
+        blocked writing to a client that reads nothing fails at once."""
+        self.socket.close()
+        if not self.loop.is_running():
+            self.loop.close()
+        with self.lock:
+            for sock in self.answering:
+                with contextlib.suppress(OSError):
+                    sock.shutdown(socket.SHUT_RDWR)
+
     def warn(self, message):
         now = time.monotonic()
         if now >= self.quiet_until:  # a flood of refused connects is a line, not a line each
             self.quiet_until = now + 10
             self.playground.log(message)
 
-    def get_request(self):
-        try:
-            return super().get_request()
-        except OSError as e:
-            if e.errno in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
-                # out of open files: the connect stays in the backlog, so select() would wake
-                # this loop again at once and spin a core until a file closes
-                self.warn(
-                    f"accept: {e.strerror}: new connections wait (--max_connections={self.playground.config.max_connections})"
-                )
-                time.sleep(0.1)
-            raise  # socketserver drops the attempt and selects again
+    def accept(self):
+        for _ in range(64):  # a burst, several at a wake-up, then the others' turn
+            try:
+                sock, address = self.socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError as e:
+                if e.errno not in (errno.EMFILE, errno.ENFILE, errno.ENOBUFS, errno.ENOMEM):
+                    continue  # a connect reset before it was taken: the next
+                # out of open files: the connect stays in the backlog, so the loop would wake
+                # at once and spin a core; it looks again in a tenth of a second
+                self.warn(f"accept: {e.strerror}: new connections wait (--max_connections={self.max_connections})")
+                self.loop.remove_reader(self.socket)
+                self.loop.call_later(0.1, self.loop.add_reader, self.socket, self.accept)
+                return
+            self.admit(sock, address)
 
-    def process_request(self, request, client_address):
-        if not self.connections.acquire(blocking=False):
-            self.refuse(request)
+    def admit(self, sock, address):
+        if self.open_connections() >= self.max_connections:
+            if not self.arriving:  # every connection is being answered: the newcomer waits its turn
+                self.refuse(sock, f"busy: {self.max_connections} connections being answered, this server's limit")
+                return
+            # the one that has sent least for longest goes: an idle socket, not a normal client
+            self.refuse(min(self.arriving.values(), key=lambda a: (len(a.data), a.start)), "closed for a newer connection")
+        sock.setblocking(False)
+        arriving = Arriving(sock, address)
+        arriving.timer = self.loop.call_later(self.timeout, self.hand_over, arriving)  # its thread answers 408
+        self.arriving[sock] = arriving
+        self.loop.add_reader(sock, self.receive, arriving)
+
+    def receive(self, arriving):
+        try:
+            chunk = arriving.sock.recv(65536)
+        except (BlockingIOError, InterruptedError):
             return
-        try:
-            super().process_request(request, client_address)  # a thread of its own
-        except BaseException:
-            self.connections.release()
-            raise
+        except OSError:  # reset: nothing to answer
+            self.close(arriving)
+            return
+        arriving.data += chunk
+        if not arriving.data:  # connected, and closed without a word
+            self.close(arriving)
+        elif not chunk or request_arrived(arriving.data):  # whole, or all there will be
+            self.hand_over(arriving)
 
-    def process_request_thread(self, request, client_address):
-        try:
-            super().process_request_thread(request, client_address)
-        finally:
-            self.connections.release()
+    def release(self, arriving):
+        """arriving, no longer the loop's: its reader and timer gone."""
+        self.loop.remove_reader(arriving.sock)
+        arriving.timer.cancel()
+        with self.lock:
+            del self.arriving[arriving.sock]
 
-    def refuse(self, request):
-        """503 and close, from the accept loop itself: no thread, and no wait for the request,
-        so that idle connections cannot use up the threads or the open files."""
-        n = self.playground.config.max_connections
-        body = json.dumps(
-            {
-                "error": f"server: busy: {n} connections open, this server's limit (--max_connections); "
-                f"try again in {RETRY_AFTER} s",
-                "field": "server",
-            }
-        ).encode()
+    def close(self, arriving):
+        self.release(arriving)
+        arriving.sock.close()
+
+    def refuse(self, request, why):
+        """503 and close, from the loop itself: no thread, no wait for the request (an Arriving
+        one is one closed for a newcomer)."""
+        sock = request
+        if isinstance(request, Arriving):
+            self.release(request)
+            sock = request.sock
+        n = self.max_connections
+        body = json.dumps({"error": f"server: {why} (--max_connections={n}); try again in {RETRY_AFTER} s", "field": "server"})
         head = (
             f"HTTP/1.0 503 Service Unavailable\r\nServer: {Handler.server_version}\r\n"
             f"Content-Type: application/json; charset=utf-8\r\nContent-Length: {len(body)}\r\n"
             f"Retry-After: {RETRY_AFTER}\r\n\r\n"
-        ).encode()
+        )
+        with contextlib.suppress(OSError):
+            sock.setblocking(False)  # a socket's buffer takes these few hundred bytes at once
+            sock.send((head + body).encode())
+            sock.shutdown(socket.SHUT_WR)
+            while sock.recv(65536):  # what it sent, read: a close with bytes unread is a reset, which loses the answer
+                pass
+        sock.close()
+        self.warn(f"{n} connections open (--max_connections): {why}")
+
+    # -- the threads' side: requests that have arrived
+
+    def hand_over(self, arriving):
+        """arriving's request has come (or its time is up): a thread of its own answers it."""
+        self.release(arriving)
+        with self.lock:
+            self.answering.add(arriving.sock)
+        arriving.sock.setblocking(True)  # the handler sets its timeout
         try:
-            request.setblocking(False)  # a fresh socket's buffer takes these few hundred bytes at once
-            request.send(head + body)
-        except OSError:
-            pass
-        self.shutdown_request(request)
-        self.warn(f"busy: {n} connections open (--max_connections): answering new ones 503")
+            threading.Thread(target=self.answer, args=(arriving,), daemon=True).start()
+        except RuntimeError:  # no thread to be had: as if it had never come
+            self.done_with(arriving.sock)
 
-    def handle_error(self, request, client_address):
-        """One line for what escaped a request's thread, not the standard library's traceback."""
-        e = sys.exc_info()[1]
-        if isinstance(e, (ConnectionError, TimeoutError)):
-            return  # a client gone or silent: not worth a line
-        where = traceback.extract_tb(e.__traceback__)[-1]
-        self.playground.log(f"{client_address[0]}: {type(e).__name__}: {e} ({os.path.basename(where.filename)}:{where.lineno})")
+    def answer(self, arriving):
+        try:
+            Handler(arriving, self)
+        except Exception as e:  # noqa: BLE001 (what escaped a request: one line, not a traceback)
+            if not isinstance(e, (ConnectionError, TimeoutError)):  # a client gone or silent: not worth a line
+                where = traceback.extract_tb(e.__traceback__)[-1]
+                self.playground.log(
+                    f"{arriving.address[0]}: {type(e).__name__}: {e} ({os.path.basename(where.filename)}:{where.lineno})"
+                )
+        finally:
+            self.done_with(arriving.sock)
+
+    def done_with(self, sock):
+        with self.lock:
+            self.answering.discard(sock)
+        with contextlib.suppress(OSError):
+            sock.shutdown(socket.SHUT_WR)  # what was written goes out before the close
+        sock.close()
 
 
-def open_files_for(max_connections):
-    """Raise this process's soft limit on open files, if need be, so that --max_connections
-    connections and the files the server itself holds fit in it."""
+# -----------------------------------------------------------------------------
+# open files: one per connection
+
+
+def open_files():
+    """(files this process may open, files open now, what the soft limit was before): the soft
+    limit raised to the hard one where it can be (macOS starts a process at 256, some Linux
+    shells at 1,024, when the hard limit allows far more)."""
     try:
         import resource
-    except ImportError:  # Windows: no such limit to raise
-        return
-    need = max_connections + 100  # the checkpoint, the page, the log, PyTorch's own
+    except ImportError:  # Windows: no such limit
+        return MAX_CONNECTIONS + 1000, 0, None
     soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
-    if soft == resource.RLIM_INFINITY or soft >= need:
-        return
-    if hard != resource.RLIM_INFINITY and hard < need:
+    before = soft
+    want = hard if hard != resource.RLIM_INFINITY else MAX_CONNECTIONS + 1000  # macOS: unlimited, but refused
+    if soft != resource.RLIM_INFINITY and soft < want:
+        with contextlib.suppress(ValueError, OSError):  # macOS refuses more than kern.maxfilesperproc
+            resource.setrlimit(resource.RLIMIT_NOFILE, (want, hard))
+    soft = resource.getrlimit(resource.RLIMIT_NOFILE)[0]
+    try:
+        in_use = len(os.listdir("/proc/self/fd" if os.path.isdir("/proc/self/fd") else "/dev/fd"))
+    except OSError:
+        in_use = 64
+    files = soft if soft != resource.RLIM_INFINITY else MAX_CONNECTIONS + 1000
+    return files, in_use, before
+
+
+def connection_cap(max_connections, files, in_use, before=None):
+    """(the connections to serve at once, the open files the server keeps for itself): what
+    --max_connections asks, or MAX_CONNECTIONS, within the files left when the server's own
+    are counted."""
+    own = in_use + SPARE_FILES
+    return max(0, min(max_connections or MAX_CONNECTIONS, files - own)), own
+
+
+def check_open_files(config, slots):
+    """(the connection cap for config, a line that says the figures); an error where the open
+    files cannot serve even a handful of clients."""
+    files, in_use, before = open_files()
+    cap, own = connection_cap(config.max_connections, files, in_use)
+    if cap < FEW_CONNECTIONS:
         raise ValueError(
-            f"--max_connections={max_connections} needs {need} open files, more than this system allows "
-            f"a process ({hard}, ulimit -Hn)"
+            f"this process may open {files:,} files (ulimit -n) and needs {own + FEW_CONNECTIONS:,}: {own:,} for "
+            f"the server itself and {FEW_CONNECTIONS} for connections at the least; raise it (ulimit -n 4096)"
         )
-    resource.setrlimit(resource.RLIMIT_NOFILE, (need, hard))
+    raised = f" (raised from {before:,})" if before is not None and before < files else ""
+    asked = f" of the {config.max_connections:,} asked" if config.max_connections > cap else ""
+    return cap, (
+        f"open files: {files:,}{raised}; connections: {cap:,} at once{asked} (--max_connections), "
+        f"{own:,} files kept for the server; generations: {slots} computing "
+        f"at once (--max_generations), {config.max_queue} waiting (--max_queue)"
+    )
 
 
 def main(argv=None):
@@ -920,8 +1164,8 @@ def main(argv=None):
     try:
         (config,), _ = parse(argv, [ServeConfig()], "serve.py [--key=value ...]", config_file=False)
         playground = Playground(config, log)
-        open_files_for(config.max_connections)
-        server = Server(playground)
+        cap, limits = check_open_files(config, playground.turns.slots)
+        server = Server(playground, cap)
     except HelpRequested as e:
         print(e)
         return 0
@@ -932,16 +1176,21 @@ def main(argv=None):
         log(f"{playground.notice}: the page shows the run's metrics until best.pt or ckpt.pt lands")
     else:
         log(playground.loaded.describe())
+    log(limits)
     if not server.loopback:
         log(f"listening on {config.host}: anyone who can reach this machine can use the playground")
     print(f"playground at {server.url}  (Ctrl-C stops)", flush=True)
     try:
-        server.serve_forever()
-    except KeyboardInterrupt:
-        pass
+        server.serve_forever(signals=(signal.SIGINT, signal.SIGTERM))
     finally:
-        server.server_close()
-        playground.stop()
+        ended = playground.stop(seconds=2.0)  # the streams end between two characters, with an error event
+        server.server_close()  # a stream blocked on a client that reads nothing fails now
+        ended = ended or playground.stop(seconds=2.0)
+    if not ended:
+        # a generation still inside PyTorch: Python's exit would wait on it or abort under it
+        log("stopped with a generation still computing: exiting without it")
+        sys.stdout.flush()
+        os._exit(0)
     return 0
 
 

@@ -143,7 +143,7 @@ def wait_for(condition, what):
 
 
 def streamed_text(server, **body):
-    stream = events(server, **body)
+    stream = [(event, data) for event, data in events(server, **body) if event != "queued"]  # a wait for its turn
     chars = [data["char"] for event, data in stream[:-1]]
     assert all(event == "message" and len(c) == 1 for (event, _), c in zip(stream, chars))
     event, done = stream[-1]
@@ -163,9 +163,12 @@ def test_page_and_info(server):
         "max_new_tokens": LIMIT,
         "max_chars": 500,
         "max_generations": 8,
-        "max_connections": 128,
+        "max_queue": 64,
+        "max_connections": server.max_connections,
         "timeout": 10.0,
     }
+    assert 8 <= server.max_connections <= serve.MAX_CONNECTIONS  # as many as this process's open files allow
+    assert info["generations"] == {"computing": 0, "waiting": 0}
 
 
 def test_streamed_text_is_sample_pys(server, trained, capsys):
@@ -300,7 +303,7 @@ def test_a_client_leaving_mid_stream_stops_its_generation(server):
         time.sleep(0.05)
     generated, asked, left = playground.finished[-1]
     assert (asked, left) == (LIMIT, True) and 5 <= generated < LIMIT
-    assert playground.running == 0
+    wait_for(lambda: playground.turns.counts()["computing"] == 0, "its slot given back")
     assert call(server, "GET", "/api/info")[0] == 200
 
 
@@ -388,7 +391,7 @@ def test_a_new_checkpoint_is_served_without_a_restart_and_a_stream_keeps_its_mod
         status, response, info = call(server, "GET", "/api/info", headers={"If-None-Match": etag})
         assert status == 200 and info["iter_num"] == 80 and info["checkpoint_id"] != old.info["checkpoint_id"]
         assert response.getheader("ETag") != etag and lines[-1].startswith(f"new checkpoint: {out / 'best.pt'}: gpt")
-        assert server.playground.running == 1  # the stream is still going
+        assert server.playground.turns.counts()["computing"] == 1  # the stream is still going
         new = server.playground.loaded
         with streaming:
             received += streaming.makefile("rb").read()
@@ -535,17 +538,36 @@ def test_a_long_answer_to_a_client_that_reads_steadily_outlasts_the_timeout(trai
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["padding"] == "x" * 8_000_000
 
 
-def test_connections_beyond_max_connections_get_503_at_once_and_a_slot_frees_when_one_leaves(trained):
-    with running(trained, max_connections=2, timeout=60) as server:
-        # two clients that never finish their request hold both threads
-        idle = [send_raw(server, b"GET /api/info HTTP/1.1\r\n") for _ in range(2)]
-        status, headers, body = read_reply(send_raw(server, request_bytes("GET", "/api/info")))
+def test_at_max_connections_the_connection_that_sent_least_for_longest_makes_room(trained):
+    with running(trained, max_connections=3, timeout=60) as server:
+        half = b"GET /api/info HTTP/1.1\r\n"  # a request that never ends
+        idle = [send_raw(server, data) for data in (half, b"", half)]
+        wait_for(lambda: len(server.arriving) == 3, "three connections held")
+        assert call(server, "GET", "/api/info")[0] == 200  # the newcomer is served ...
+        status, headers, body = read_reply(idle[1])  # ... and the one that sent nothing was closed for it
         answer = json.loads(body)
         assert status == 503 and headers["retry-after"] == "1" and headers["content-type"].startswith("application/json")
-        assert answer["field"] == "server" and "--max_connections" in answer["error"] and b"\n" not in body
-        idle[0].close()  # one leaves: its thread ends and its place is free for the next
-        wait_for(lambda: call(server, "GET", "/api/info")[0] == 200, "free connection")
-        idle[1].close()
+        assert answer["field"] == "server" and "closed for a newer connection" in answer["error"] and b"\n" not in body
+        assert "--max_connections=3" in answer["error"]
+        # of those that sent as much, the oldest goes
+        wait_for(lambda: server.open_connections() == 2, "the newcomer's answer done")
+        idle.append(send_raw(server, half))
+        wait_for(lambda: len(server.arriving) == 3, "three connections held")
+        assert call(server, "GET", "/api/info")[0] == 200
+        assert read_reply(idle[0])[0] == 503
+        assert {a.address[1] for a in server.arriving.values()} == {c.getsockname()[1] for c in idle[2:]}
+        for client in idle:
+            client.close()
+
+
+def test_when_every_connection_is_being_answered_a_newcomer_gets_503_at_once(trained):
+    with running(trained, max_connections=2) as server:
+        streams = [open_stream(server, seed=seed)[0] for seed in (1, 2)]  # two answers in progress, a thread each
+        status, headers, body = read_reply(send_raw(server, request_bytes("GET", "/api/info")))
+        assert status == 503 and headers["retry-after"] == "1" and "being answered" in json.loads(body)["error"]
+        streams[0].close()  # one leaves: its place is free for the next
+        wait_for(lambda: call(server, "GET", "/api/info")[0] == 200, "a free connection")
+        streams[1].close()
 
 
 def test_a_burst_of_connects_waits_in_the_listen_backlog(trained):
@@ -565,17 +587,96 @@ def test_a_burst_of_connects_waits_in_the_listen_backlog(trained):
         server.server_close()
 
 
-def test_generations_beyond_max_generations_get_503_and_a_slot_frees_when_a_client_leaves(trained):
-    with running(trained, max_generations=1) as server:
+def waiting_client(server, seed, max_new_tokens=40):
+    """(socket, its file) of a /api/generate whose reply's head has been read: its events follow."""
+    body = json.dumps({"prompt": "KING:", "max_new_tokens": max_new_tokens, "seed": seed}).encode()
+    client = send_raw(server, request_bytes("POST", "/api/generate", body))
+    reader = client.makefile("rb")
+    assert reader.readline().startswith(b"HTTP/1.0 200 ")
+    while reader.readline() != b"\r\n":
+        pass
+    return client, reader
+
+
+def next_event(reader):
+    """(event, data) of the next Server-Sent Event."""
+    event, data = "message", None
+    while (line := reader.readline().decode()) != "\n":
+        assert line, "the stream ended"
+        name, _, value = line.rstrip("\n").partition(": ")
+        event, data = (value, data) if name == "event" else (event, json.loads(value))
+    return event, data
+
+
+def test_generations_beyond_the_slots_wait_in_order_hear_their_place_and_get_their_seeds_text(trained):
+    with running(trained, max_generations=1, max_queue=3) as server:
         playground = server.playground
-        streaming, _ = open_stream(server)
+        streaming, _ = open_stream(server)  # holds the only slot
+        waiting = [waiting_client(server, seed) for seed in (1, 2, 3)]
+        assert [next_event(reader) for _, reader in waiting] == [("queued", {"queued": n}) for n in (0, 1, 2)]
+        status, _, info = call(server, "GET", "/api/info")
+        assert info["generations"] == {"computing": 1, "waiting": 3}
+        # the queue is full: 503, with a Retry-After from the pace of the generations
         status, response, answer = call(server, "POST", "/api/generate", {"prompt": "KING:", "max_new_tokens": 5})
-        assert status == 503 and response.getheader("Retry-After") == "1" and answer["field"] == "server"
-        assert "1 generation(s) streaming" in answer["error"] and "--max_generations" in answer["error"]
+        assert status == 503 and int(response.getheader("Retry-After")) >= 1 and answer["field"] == "server"
+        assert "busy: 3 generation(s) waiting" in answer["error"] and "--max_queue" in answer["error"]
         assert call(server, "POST", "/api/attention", {"text": "KING"})[0] == 200  # the rest of the API is not held up
-        streaming.close()  # the client leaves: its generation ends, and its slot is free
-        wait_for(lambda: playground.finished, "end of the first generation")
-        assert playground.finished[-1][2] and len(streamed_text(server, prompt="KING:", max_new_tokens=5)) == 5
+
+        # the first in line leaves: out of the queue at once, and those behind it move up
+        waiting[0][1].close()  # the file first: the socket stays open while a file of it is
+        waiting[0][0].close()
+        assert next_event(waiting[1][1]) == ("queued", {"queued": 0})
+        assert next_event(waiting[2][1]) == ("queued", {"queued": 1})
+        assert playground.turns.counts() == {"computing": 1, "waiting": 2}
+
+        streaming.close()  # the stream ends: the next in line starts, then the last
+        for (client, reader), seed in zip(waiting[1:], (2, 3)):
+            with client, reader:
+                events = []
+                while not events or events[-1][0] != "done":
+                    events.append(next_event(reader))
+            text = "".join(data["char"] for event, data in events if event == "message")
+            expected = expected_text(playground.model, playground.tokenizer, "KING:", max_new_tokens=40, seed=seed)
+            assert text == events[-1][1]["text"] == expected
+        assert [event for event, _ in events if event == "queued"] == ["queued"]  # the last: 0 ahead, once
+        wait_for(lambda: playground.turns.counts() == {"computing": 0, "waiting": 0}, "an empty queue")
+
+
+def test_many_clients_at_once_each_get_their_seeds_text(trained):
+    """A class at once, in small: twelve clients, two slots, the rest queued; each gets the
+    text its seed gives alone, and every one finishes."""
+    with running(trained, max_generations=2, max_queue=12) as server:
+        playground = server.playground
+        texts = {}
+
+        def client(seed):
+            texts[seed] = streamed_text(server, prompt="KING:", max_new_tokens=60, seed=seed)
+
+        threads = [threading.Thread(target=client, args=(seed,)) for seed in range(12)]
+        for thread in threads:
+            thread.start()
+        for thread in threads:
+            thread.join(timeout=120)
+        for seed in range(12):
+            assert texts.get(seed) == expected_text(
+                playground.model, playground.tokenizer, "KING:", max_new_tokens=60, seed=seed
+            ), seed
+
+
+def test_a_normal_client_is_served_beside_300_idle_connections(trained):
+    with running(trained, timeout=60) as server:
+        assert server.max_connections >= 310, "the test process may open too few files"
+        idle = [send_raw(server, b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n" if i % 2 else b"") for i in range(300)]
+        try:
+            wait_for(lambda: len(server.arriving) == 300, "300 connections held")
+            assert not server.answering  # held by the event loop: no thread each
+            assert call(server, "GET", "/api/info")[0] == 200
+            assert len(streamed_text(server, prompt="KING:", max_new_tokens=5)) == 5
+            assert len(server.arriving) == 300  # none of them shed: the cap is far above
+        finally:
+            for client in idle:
+                client.close()
+        wait_for(lambda: server.open_connections() == 0, "the idle connections closed")
 
 
 def test_a_client_that_stops_reading_frees_its_generation_after_the_timeout(trained):
@@ -629,7 +730,7 @@ def test_clients_that_leave_before_their_answer_cost_a_log_line_at_most(trained,
             client.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))  # leave with a reset
             client.close()
         # every thread has ended (the semaphore counts them)
-        wait_for(lambda: server.connections._value == server.playground.config.max_connections, "end of the requests")
+        wait_for(lambda: server.open_connections() == 0, "end of the requests")
     finally:
         server.shutdown()
         server.server_close()
@@ -642,8 +743,8 @@ def test_stop_ends_open_streams_between_characters(trained):
     with running(trained) as server:
         playground = server.playground
         streaming, received = open_stream(server)
-        playground.stop()
-        assert playground.running == 0
+        assert playground.stop()
+        assert playground.turns.counts() == {"computing": 0, "waiting": 0}
         with streaming:
             received += streaming.makefile("rb").read()
         assert received.endswith(b'event: error\ndata: {"error": "server: stopped (Ctrl-C)", "field": "server"}\n\n')
@@ -691,8 +792,9 @@ def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
     assert "unknown config key 'colour'" in run("--colour=red")
     assert "--timeout must be a positive number of seconds, got 0" in run(f"--out_dir={trained}", "--timeout=0")
     assert "--timeout must be" in run(f"--out_dir={trained}", "--timeout=inf")
-    assert "--max_generations must be at least 1, got 0" in run(f"--out_dir={trained}", "--max_generations=0")
-    assert "--max_connections must be at least 1, got 0" in run(f"--out_dir={trained}", "--max_connections=0")
+    assert "--max_generations must be 0 or more, got -1" in run(f"--out_dir={trained}", "--max_generations=-1")
+    assert "--max_connections must be 0 or more, got -2" in run(f"--out_dir={trained}", "--max_connections=-2")
+    assert "--max_queue must be 0 or more, got -1" in run(f"--out_dir={trained}", "--max_queue=-1")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
@@ -959,11 +1061,11 @@ def test_generations_at_once_share_the_free_cores(trained):
         playground.threads.cores = 2
         shares = []
         for running_now in (1, 2):
-            playground.running = running_now
+            playground.turns.running = running_now
             worker = threading.Thread(target=lambda: shares.append(playground.share_cores()))  # a generation's own thread
             worker.start()
             worker.join()
-        playground.running = 0
+        playground.turns.running = 0
     assert shares == [2, 1]  # alone: both cores; two at once: one each
 
 
