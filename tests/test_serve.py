@@ -752,31 +752,93 @@ def test_stop_ends_open_streams_between_characters(trained):
         assert status == 503 and answer["error"] == "server: stopping (Ctrl-C)"
 
 
-def test_ctrl_c_with_a_stream_open_exits_cleanly(trained):
-    """Python exiting while a generation's thread is inside PyTorch aborted the process
-    ("terminate called without an active exception", exit status -6)."""
+def serve_process(trained, *flags, preexec_fn=None):
+    """(serve.py started in a process of its own, its port, its stderr's lines so far)."""
     process = subprocess.Popen(
-        [sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={trained}", "--device=cpu", "--decode_dtype=float32"],
+        [sys.executable, os.path.join(ROOT, "serve.py"), f"--out_dir={trained}", "--device=cpu", *flags],
         stdout=subprocess.PIPE,
         stderr=subprocess.PIPE,
         text=True,
+        preexec_fn=preexec_fn,
     )
+    url = process.stdout.readline().split()
+    if not url:  # it did not start: what it said is the test's message
+        process.wait(timeout=60)
+        return process, None, process.stderr.read()
+    return process, int(url[2].rstrip("/").rsplit(":", 1)[1]), None  # playground at http://127.0.0.1:PORT/
+
+
+def ignore_sigint():
+    # as a shell without job control starts a background job (`pytest ... &` in a script): SIGINT
+    # ignored, which Python then leaves ignored; the whole suite run that way failed here
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+
+@pytest.mark.parametrize("sig, preexec_fn", [(signal.SIGINT, None), (signal.SIGINT, ignore_sigint), (signal.SIGTERM, None)])
+def test_ctrl_c_with_a_stream_and_a_queue_open_exits_cleanly(trained, sig, preexec_fn):
+    """Python exiting while a generation's thread is inside PyTorch aborted the process
+    ("terminate called without an active exception", exit status -6); a SIGINT that the
+    parent ignored was ignored by serve.py too, which then never exited."""
+    process, port, _ = serve_process(trained, "--decode_dtype=float32", "--max_generations=1", preexec_fn=preexec_fn)
     try:
-        url = process.stdout.readline().split()[2]  # playground at http://127.0.0.1:PORT/
         body = json.dumps({"prompt": "KING:", "max_new_tokens": 5000}).encode()
-        with socket.create_connection(("127.0.0.1", int(url.rstrip("/").rsplit(":", 1)[1])), timeout=60) as client:
+        with (
+            socket.create_connection(("127.0.0.1", port), timeout=60) as client,
+            socket.create_connection(("127.0.0.1", port), timeout=60) as queued,
+        ):
             client.sendall(request_bytes("POST", "/api/generate", body))
             received = b""
             while received.count(b"data: ") < 3:
                 received += client.recv(4096)
-            process.send_signal(signal.SIGINT)
-            assert process.wait(timeout=60) == 0
+            queued.sendall(request_bytes("POST", "/api/generate", body))
+            waited = b""
+            while b"event: queued" not in waited:
+                waited += queued.recv(4096)
+            process.send_signal(sig)
+            try:
+                code = process.wait(timeout=60)  # a bound for a stuck server, not a measurement
+            except subprocess.TimeoutExpired:
+                pytest.fail(f"serve.py did not exit within 60 s of {sig.name} with a stream and a queued client open")
+            assert code == 0
+            queued.settimeout(10)
+            waited += queued.makefile("rb").read()
+        assert waited.endswith(b'event: error\ndata: {"error": "server: stopped (Ctrl-C)", "field": "server"}\n\n')
         err = process.stderr.read()
         assert "generate: stopped (Ctrl-C) after" in err and "terminate" not in err and "Traceback" not in err, err
+        # the queued client: stopped in the queue, or as its turn came
+        assert "in the queue" in err or "generate: stopped (Ctrl-C) after 0 of 5000" in err, err
     finally:
         if process.poll() is None:
             process.kill()
             process.wait()
+
+
+def test_the_open_files_limit_sets_the_connection_cap_and_too_low_a_one_is_refused(trained):
+    import resource
+
+    def limit(n):
+        return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
+
+    process, port, _ = serve_process(trained, preexec_fn=limit(256))  # macOS's default
+    try:
+        status, _, info = call(type("At", (), {"server_address": ("127.0.0.1", port)}), "GET", "/api/info")
+        cap = info["limits"]["max_connections"]
+        assert status == 200 and serve.FEW_CONNECTIONS <= cap < 256
+        # one more idle connection than the cap: the first is closed for it, and a normal client is still served
+        idle = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(cap + 1)]
+        assert read_reply(idle[0])[0] == 503
+        assert call(type("At", (), {"server_address": ("127.0.0.1", port)}), "GET", "/api/info")[0] == 200
+        for client in idle:
+            client.close()
+    finally:
+        process.send_signal(signal.SIGINT)
+        process.wait(timeout=60)
+    err = process.stderr.read()
+    assert f"open files: 256; connections: {cap} at once (--max_connections)" in err, err
+
+    process, port, err = serve_process(trained, preexec_fn=limit(40))
+    assert port is None and process.returncode == 1 and len(err.strip().splitlines()) == 1, err
+    assert err.startswith("serve.py: error: this process may open 40 files (ulimit -n) and needs "), err
 
 
 def test_command_line_errors_are_one_line(trained, tmp_path, capsys):
@@ -971,24 +1033,36 @@ def test_the_page_follows_the_folder_from_no_checkpoint_to_a_newer_one(trained, 
         driver.quit()
 
 
-def test_the_page_asks_a_busy_server_once_more_then_gives_up(trained):
+def test_the_page_waits_its_turn_and_asks_a_full_server_again_until_it_gets_in(trained):
     driver = browser()
     from selenium.webdriver.common.by import By
     from selenium.webdriver.support.ui import WebDriverWait
 
     lines = []
     try:
-        with running(trained, max_generations=1, log=lines.append) as server:
-            streaming, _ = open_stream(server)  # holds the only slot
+        with running(trained, max_generations=1, max_queue=1, log=lines.append) as server:
+            streaming, _ = open_stream(server)  # holds the only slot ...
+            queued, reader = waiting_client(server, seed=1)  # ... and the only place in the queue
+            assert next_event(reader) == ("queued", {"queued": 0})
             driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
             wait = WebDriverWait(driver, 30)
             wait.until(lambda d: d.find_element(By.ID, "generate").is_enabled())
+            driver.find_element(By.ID, "max_new_tokens").clear()
+            driver.find_element(By.ID, "max_new_tokens").send_keys("30")
             driver.find_element(By.ID, "generate").click()
             status = driver.find_element(By.ID, "status")
-            wait.until(lambda d: status.get_attribute("data-state") == "error")
-            assert "busy: 1 generation(s) streaming" in status.text and "asked again after 1 s: giving up" in status.text
-            assert sum(" 503 server: busy" in line for line in lines) == 2  # once, and once more after Retry-After
-            streaming.close()
+            # the queue is full: the page says so and asks again, and again
+            wait.until(lambda d: "(asked 2 times)" in status.text)
+            assert status.get_attribute("data-state") == "waiting" and "busy: 1 generation(s) waiting" in status.text
+            reader.close()
+            queued.close()  # the place in the queue frees: the page gets it, and hears it is next
+            wait.until(lambda d: status.get_attribute("data-queued") == "0")
+            assert status.text == "next in line: waiting for a generation to end"
+            streaming.close()  # the slot frees: its text streams in, to the end
+            wait.until(lambda d: status.get_attribute("data-state") in ("done", "error"))
+            assert status.get_attribute("data-state") == "done", status.text
+            spans = driver.find_elements(By.CSS_SELECTOR, "#text span.g")
+            assert len(spans) == 30 and not driver.find_elements(By.CSS_SELECTOR, "#text span.unknown")
     finally:
         driver.quit()
 
