@@ -8,6 +8,8 @@
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
     python bench.py memory --out_dir=out-cpu             # chargpt/memory.py's estimate against the measured peak (Linux)
     python bench.py health config/shakespeare_char_cpu.py   # what health steps cost at --health_interval (chargpt/health.py)
+    python bench.py classroom --out_dir=out-cpu          # serve.py with 30 clients at once, each its own seed, against
+                                                         # one alone, at --max_generations 1, 2, 4 (docs/playground.md)
     python bench.py gpu                                  # the GPU check: the GPU tests, stage 8 and the GPU recipe
                                                          # trained, sampling speed; one line where there is no GPU
 
@@ -42,7 +44,7 @@ from chargpt import machine, memory
 from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
-from chargpt.engine import DECODE_DTYPES, generate, pick_decode_dtype
+from chargpt.engine import DECODE_DTYPES, generate, generate_tokens, pick_decode_dtype
 from chargpt.health import Health, draw_health
 from chargpt.machine import autocast_context, cpu_has_bf16_units, keep_freed_memory, resolve_device, resolve_dtype
 from chargpt.metrics import Reporter
@@ -697,6 +699,121 @@ def sampling_figures(out_dir, device, n=1000):
     return rows
 
 
+def bench_classroom(args, overrides):
+    """serve.py, started afresh at each --max_generations, with args.clients clients asking
+    args.chars characters at once, each its own seed: when each saw its first and last
+    character, the characters per second of all of them together, and one client alone
+    beside; and each text checked against what generate_tokens gives for its seed alone."""
+    loaded = load_checkpoint(find_checkpoint(args.out_dir))
+    model, tokenizer = model_from_checkpoint(loaded)
+    seeds = range(1, args.clients + 1)
+    alone = {}
+    for seed in seeds:  # sample.py's text for each seed, as serve.py's defaults make it
+        config = SampleConfig(start="\n", max_new_tokens=args.chars, seed=seed)
+        alone[seed] = tokenizer.decode([t.item() for t in generate_tokens(model, tokenizer.encode("\n"), config)])
+    print(f"{find_checkpoint(args.out_dir)}; {args.clients} clients x {args.chars} characters; {os.cpu_count()} CPUs")
+    print(
+        "| --max_generations | clients | first character (median / last client) | last character (median / last client) "
+        "| chars/s, all together | texts as alone |\n|---|---|---|---|---|---|"
+    )
+    idle_lines = []
+    for slots in args.generations:
+        flags = [f"--out_dir={args.out_dir}", f"--max_generations={slots}", f"--max_queue={args.clients}", "--timeout=60"]
+        command = [sys.executable, os.path.join(ROOT, "serve.py"), *flags]
+        process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+        try:
+            port = int(process.stdout.readline().split()[2].rstrip("/").rsplit(":", 1)[1])
+            if slots == args.generations[0] and args.idle:
+                idle_lines.append(beside_idle(port, process.pid, args.idle))
+            for label, clients in (("1 alone", [seeds[0]]), (str(args.clients), list(seeds))):
+                results = classroom_round(port, clients, args.chars)
+                firsts = sorted(first for first, _, _ in results.values())
+                lasts = sorted(last for _, last, _ in results.values())
+                same = sum(text == alone[seed] for seed, (_, _, text) in results.items())
+                print(
+                    f"| {slots} | {label} | {statistics.median(firsts):.2f} s / {firsts[-1]:.2f} s "
+                    f"| {statistics.median(lasts):.2f} s / {lasts[-1]:.2f} s | {len(clients) * args.chars / lasts[-1]:,.0f} "
+                    f"| {same} of {len(clients)} |"
+                )
+        finally:
+            process.send_signal(signal.SIGINT)
+            process.wait(timeout=60)
+    print(*idle_lines, sep="\n")
+
+
+def beside_idle(port, pid, n):
+    """A line: how long /api/info and a 20-character generation take beside n connections that
+    never complete a request, and the CPU seconds the server spends over 5 s with them open."""
+    import http.client
+    import socket
+
+    def cpu_seconds():  # utime + stime of the server's process (Linux)
+        with open(f"/proc/{pid}/stat") as f:
+            fields = f.read().rsplit(")", 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+    idle = [socket.create_connection(("127.0.0.1", port)) for _ in range(n)]
+    for sock in idle[: n // 2]:
+        sock.sendall(b"GET /api/info HTTP/1.1\r\nHost: 127.0.0.1\r\n")  # half of them send half a request
+    time.sleep(0.5)
+    times = []
+    for method, path, body in (("GET", "/api/info", None), ("POST", "/api/generate", '{"max_new_tokens": 20}')):
+        t0 = time.perf_counter()
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=60)
+        connection.request(method, path, body=body, headers={"Content-Type": "application/json"})
+        response = connection.getresponse()
+        response.read()
+        times.append((time.perf_counter() - t0, response.status))
+        connection.close()
+    before = cpu_seconds()
+    time.sleep(5)
+    spent = cpu_seconds() - before
+    for sock in idle:
+        sock.close()
+    (info, info_status), (generate, generate_status) = times
+    return (
+        f"beside {n} connections that never complete a request: /api/info {info_status} in {info * 1000:.0f} ms, "
+        f"a 20-character generation {generate_status} in {generate * 1000:.0f} ms; the server's CPU over 5 s "
+        f"with them open: {spent:.2f} s"
+    )
+
+
+def classroom_round(port, seeds, chars):
+    """{seed: (seconds to its first character, to its last, its text)}, every client started at once."""
+    import http.client
+    import json
+
+    results, start = {}, threading.Barrier(len(seeds))
+    t0 = [None]
+
+    def client(seed):
+        connection = http.client.HTTPConnection("127.0.0.1", port, timeout=600)
+        body = json.dumps({"prompt": "\n", "max_new_tokens": chars, "seed": seed})
+        start.wait()
+        t0[0] = t0[0] or time.perf_counter()
+        connection.request("POST", "/api/generate", body=body, headers={"Content-Type": "application/json"})
+        response, text, first = connection.getresponse(), [], None
+        event = None
+        for line in response:  # Server-Sent Events, a line at a time
+            line = line.decode().rstrip("\n")
+            if line.startswith("event: "):
+                event = line[7:]
+            elif line.startswith("data: ") and event is None:
+                text.append(json.loads(line[6:])["char"])
+                first = first or time.perf_counter()
+            elif line == "":
+                event = None
+        results[seed] = (first - t0[0], time.perf_counter() - t0[0], "".join(text))
+        connection.close()
+
+    threads = [threading.Thread(target=client, args=(seed,)) for seed in seeds]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    return results
+
+
 def main():
     parser = argparse.ArgumentParser(
         description=__doc__.split("\n\n")[0],
@@ -735,6 +852,12 @@ def main():
         choices=["auto", "float32", "float16", "bfloat16", "int8"],
         help="sample.py's --decode_dtype: the pick compared with the rows, and the dtype of the lengths table",
     )
+    p = sub.add_parser("classroom", help="serve.py with many clients at once, against one alone")
+    p.add_argument("--out_dir", default="out-cpu")
+    p.add_argument("--clients", type=int, default=30)
+    p.add_argument("--chars", type=int, default=300)
+    p.add_argument("--generations", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4])
+    p.add_argument("--idle", type=int, default=300, help="connections that never complete a request, beside which to time one")
     p = sub.add_parser("gpu", help="the prepared check of the GPU path: every figure in one run (under 8 minutes)")
     p.add_argument(
         "--lecture_minutes", type=float, default=3.0, help="stage 8's time budget: a cap, should its 5,000 steps take longer"
@@ -743,7 +866,7 @@ def main():
     args, overrides = parser.parse_known_args()
     try:
         commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}
-        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health)
+        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, classroom=bench_classroom)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

@@ -19,26 +19,31 @@ The page, chargpt/playground.html, talks to a small JSON API that curl can call 
     GET  /api/metrics      the records of out_dir/metrics.jsonl (a run writing there shows up live) and
                            the run's max_iters and time_budget (its config.json)
     POST /api/generate     {"prompt", "max_new_tokens", "temperature", "top_k", "top_p", "seed"}
-                           -> Server-Sent Events: one {"char": ...} per character, then an event "done"
+                           -> Server-Sent Events: while it waits its turn, an event "queued" {"queued": N
+                           ahead of it} whenever N changes; one {"char": ...} per character; an event "done"
     POST /api/attention    {"text": ...} -> the characters, weights[layer][head][t][s] and the top-5
                            next characters at each position
 
 Generation is sample.py's own (chargpt/engine.py's generate_tokens): the same settings and seed give the
 same text. Bad input is a 4xx with one line of JSON, {"error": "FIELD: what is wrong", "field": FIELD}.
 
-Built on the standard library's ThreadingHTTPServer: nothing to install beyond requirements.txt
-(the README says why). Each request runs in its own thread; the model is only read (eval mode,
-no_grad), and each generation has its own torch.Generator and KV cache, so clients need no lock
-and each gets its own stream. A client that goes away mid-stream ends its generation at the
-next character written.
+Built on the standard library alone, nothing to install beyond requirements.txt: asyncio's
+event loop holds each connection, a socket and a timer, until its request has arrived, and
+then http.server's BaseHTTPRequestHandler answers it in a thread of its own (Server says why;
+docs/playground.md counts what it costs). The model is only read (eval mode, no_grad), and
+each generation has its own torch.Generator and KV cache, so clients need no lock and each
+gets its own stream. A client that goes away mid-stream ends its generation at the next
+character written; one that goes away while waiting its turn leaves the queue.
 
-Limits, so that a few clients cannot stop it for everyone (each one a flag):
+Limits, so that a few clients cannot stop it for everyone and a class can use it at once:
     --timeout            seconds a client has to send its whole request, and that a reply waits on
                          a client that does not read; then its connection is closed
-    --max_connections    connections served at once (a thread and an open file each); beyond it
-                         a client gets 503 and Retry-After at once
-    --max_generations    generations streamed at once; beyond it /api/generate answers 503 and Retry-After
-Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN, not socketserver's 5.
+    --max_connections    connections open at once, an open file each (0: as many as the open files
+                         allow); at the cap the one that has sent least for longest makes room
+    --max_generations    generations computing at once (0: one per core on a CPU)
+    --max_queue          generations waiting their turn; beyond it /api/generate answers 503 and Retry-After
+At start the soft limit on open files is raised to the hard one where it can be, and one line
+says the figures. Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN.
 
 On a CPU each generation takes its share of the cores that other programs (the browser
 showing the page, among them) leave free, looked at when it starts and every second after
