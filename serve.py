@@ -1066,8 +1066,9 @@ class Server:
             sock.setblocking(False)  # a socket's buffer takes these few hundred bytes at once
             sock.send((head + body).encode())
             sock.shutdown(socket.SHUT_WR)
-            while sock.recv(65536):  # what it sent, read: a close with bytes unread is a reset, which loses the answer
-                pass
+            for _ in range(16):  # what it sent, read (a close with bytes unread is a reset, which loses the answer)
+                if not sock.recv(65536):
+                    break
         sock.close()
         self.warn(f"{n} connections open (--max_connections): {why}")
 

@@ -642,6 +642,27 @@ def test_generations_beyond_the_slots_wait_in_order_hear_their_place_and_get_the
         wait_for(lambda: playground.turns.counts() == {"computing": 0, "waiting": 0}, "an empty queue")
 
 
+def test_turns_are_first_come_first_served():
+    from chargpt.turns import Turns
+
+    turns = Turns(slots=1, max_waiting=2)
+    first = turns.join()
+    second, third = turns.join(), turns.join()
+    assert first.started and not second.started and (turns.ahead(second), turns.ahead(third)) == (0, 1)
+    assert turns.join() is None  # the queue is full
+    turns.leave(second)  # leaves while waiting: the one behind moves up
+    assert turns.ahead(third) == 0 and turns.wait(third, 0) == 0 and not third.started
+    turns.leave(first)  # the slot goes to the first in line at once ...
+    assert third.started
+    fourth = turns.join()
+    assert not fourth.started  # ... and a newcomer waits behind it
+    turns.leave(third)
+    assert fourth.started
+    turns.leave(fourth)
+    turns.leave(fourth)  # leaving twice is leaving once
+    assert turns.counts() == {"computing": 0, "waiting": 0} and 1 <= turns.retry_after() <= 60
+
+
 def test_many_clients_at_once_each_get_their_seeds_text(trained):
     """A class at once, in small: twelve clients, two slots, the rest queued; each gets the
     text its seed gives alone, and every one finishes."""
