@@ -723,6 +723,7 @@ def bench_classroom(args, overrides):
         process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
         try:
             port = int(process.stdout.readline().split()[2].rstrip("/").rsplit(":", 1)[1])
+            classroom_round(port, [0], 50)  # warm-up: a fresh process's first generation pays for more than itself
             if slots == args.generations[0] and args.idle:
                 idle_lines.append(beside_idle(port, process.pid, args.idle))
             for label, clients in (("1 alone", [seeds[0]]), (str(args.clients), list(seeds))):

@@ -40,7 +40,7 @@ Limits, so that a few clients cannot stop it for everyone and a class can use it
                          a client that does not read; then its connection is closed
     --max_connections    connections open at once, an open file each (0: as many as the open files
                          allow); at the cap the one that has sent least for longest makes room
-    --max_generations    generations computing at once (0: one per core on a CPU)
+    --max_generations    generations computing at once (0: two on a CPU of two cores or more, as measured)
     --max_queue          generations waiting their turn; beyond it /api/generate answers 503 and Retry-After
 At start the soft limit on open files is raised to the hard one where it can be, and one line
 says the figures. Connects beyond what accept() has taken wait in a listen backlog of SOMAXCONN.
@@ -118,7 +118,7 @@ class ServeConfig:
     )
     max_generations: int = knob(
         0,
-        "generations computing at once, each busy on the CPU or GPU (0: one per core on a CPU, 4 on a GPU; see docs/playground.md)",
+        "generations computing at once, each busy on the CPU or GPU (0: 2 on a CPU, 1 on a single core, 4 on a GPU; docs/playground.md: measured)",
     )
     max_queue: int = knob(
         64, "generations that may wait their turn, first come first served; beyond it /api/generate answers 503"
@@ -313,7 +313,9 @@ class Playground:
         if self.threads is not None:
             torch.set_num_threads(1)
         # generations computing at once, and a queue for the others (docs/playground.md: measured)
-        slots = config.max_generations or (self.threads.cores if self.threads is not None else 4)
+        # (on 2 cores, 30 clients got the most characters a second at 1 or 2, the least at 4:
+        # each generation's Python holds the GIL between its operations)
+        slots = config.max_generations or (min(2, self.threads.cores) if self.threads is not None else 4)
         self.turns = Turns(slots, config.max_queue)
         self.info["limits"]["max_generations"] = slots
         self.refresh(at_start=True)  # a damaged checkpoint at the start is an error, not a notice
@@ -1159,6 +1161,10 @@ def check_open_files(config, slots):
     )
 
 
+def stop_now(signum, frame):
+    raise KeyboardInterrupt  # SIGTERM while loading, as Ctrl-C: serve_forever handles both itself later
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     log_lock = threading.Lock()
@@ -1178,6 +1184,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"serve.py: error: {e}", file=sys.stderr)
         return 1
+    except KeyboardInterrupt:
+        return 130  # stopped before it served: nothing to end
     if playground.loaded is None:
         log(f"{playground.notice}: the page shows the run's metrics until best.pt or ckpt.pt lands")
     else:
@@ -1201,4 +1209,7 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
+    # Ctrl-C and SIGTERM while the checkpoint loads, even where our parent ignored SIGINT
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+    signal.signal(signal.SIGTERM, stop_now)
     sys.exit(main())
