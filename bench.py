@@ -1,6 +1,8 @@
 """Benchmarks: what the hardware gives, measured side by side in one run.
 
     python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
+    python bench.py limit                                # each CPU recipe's step against the matmul peak, in one run
+    python bench.py limit --profile=15                   # ... and the top operations of one step of each
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
     python bench.py sample                               # KV-cache vs uncached generation, each decode
@@ -262,6 +264,82 @@ def bench_sizes(args, overrides):
             f"| {n_layer} x {n_embd} | {model.num_params() / 1e6:.1f}M | {ms:,.0f} | {tokens / ms * 1000:,.0f} | "
             f"{model.flops_per_token() * tokens / ms / 1e9:.3f} |"
         )
+
+
+def matmul_peak(dtype, device="cpu", n=2048, seconds=0.5):
+    """The FLOP/s of one large square matrix product (n x n times n x n) in dtype on device,
+    the best of the calls made in about `seconds`: what the matmul kernels give at this
+    moment, threads and dtype, the ceiling a training step is measured against."""
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    torch.mm(a, b)  # the first call may pick kernels and allocate
+    sync(device)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bench_limit(args, overrides):
+    """Each recipe's training step against the matmul peak, measured in one run: rounds
+    that take turns (a few steps of each recipe, then the peak in the dtype each one trains
+    in), each figure the best of its rounds, so that a machine whose speed drifts is
+    compared with itself. The step's FLOPs are train.py's own count (model.flops_per_token:
+    6 per weight that multiplies, plus attention; Muon's Newton-Schulz products not counted)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = []
+    for path in args.configs:
+        config, model_config = load_configs(path, overrides)
+        recipes.append((path, config, model_config))
+    steps = {path: [] for path, _, _ in recipes}
+    peaks, dtypes = {}, {}
+    for _ in range(args.rounds):
+        for path, config, model_config in recipes:
+            ms, _, dtype, model = time_steps(config, model_config, args.iters, args.warmup)
+            steps[path].append((ms, model))
+            dtypes[path] = dtype
+            peaks.setdefault(dtype, []).append(matmul_peak(dtype, resolve_device(config.device)))  # right after, same threads
+    units = "with bf16 units" if cpu_has_bf16_units() else "without bf16 units"
+    device = resolve_device(recipes[0][1].device)
+    where = f"CPU {units}" if device == "cpu" else device
+    print(f"{where}, {torch.get_num_threads()} threads, best of {args.rounds} rounds taking turns")
+    print("| recipe | dtype | ms/step | achieved TFLOP/s | matmul peak TFLOP/s | of the peak |\n|---|---|---|---|---|---|")
+    for path, config, model_config in recipes:
+        ms, model = min(steps[path], key=lambda s: s[0])
+        flops = model.flops_per_token() * config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+        achieved, peak = flops / ms / 1e9, max(peaks[dtypes[path]]) / 1e12
+        print(f"| {path} | {dtypes[path]} | {ms:,.1f} | {achieved:.3f} | {peak:.3f} | {achieved / peak:.0%} |")
+    if args.profile:
+        for path, config, model_config in recipes:
+            print(f"\n{path}: the top {args.profile} operations of one step, by their own time")
+            print(profile_step(config, model_config, args.profile))
+
+
+def profile_step(config, model_config, top):
+    """torch.profiler's table of one warmed-up training step: where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
+    model.train()
+    dtype = machine.training_dtype(
+        config.dtype, device, model, (config.batch_size, model_config.block_size), machine.Distributed()
+    )
+    ctx = autocast_context(device_type, dtype)
+    optimizer = make_optimizer(model, config, device_type)
+    batches = RandomBatches(65, model_config.block_size, config.batch_size)
+    for _ in range(3):
+        train_step(model, optimizer, batches, config, ctx, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, batches, config, ctx, device).item()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48)
 
 
 LOSS_OUT_DIR = "out-bench"
@@ -717,6 +795,13 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=16)
+    p = sub.add_parser("limit", help="each recipe's step against the matmul peak, in one run")
+    p.add_argument("configs", nargs="*", default=["config/shakespeare_char_cpu.py", "config/shakespeare_char.py"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch's threads (0: as torch starts)")
+    p.add_argument("--profile", type=int, default=0, help="then print the top N operations of one step of each recipe")
     p = sub.add_parser("loss", help="wall time to a target val loss")
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
@@ -742,7 +827,7 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's 16-bit peak, where bench.py does not know it")
     args, overrides = parser.parse_known_args()
     try:
-        commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}
+        commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "limit": bench_limit}
         commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
