@@ -5,6 +5,7 @@
     python bench.py limit --profile=15                   # ... and the top operations of one step of each
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
+    python bench.py versus --nanogpt=../nanoGPT          # the CPU recipe against nanoGPT's README CPU command, to 1.88
     python bench.py sample                               # KV-cache vs uncached generation, each decode
                                                          # dtype, and what --decode_dtype=auto picks
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
@@ -361,13 +362,13 @@ class TrainedRun:
         return next(((t, step) for t, step, val in self.evals if val <= target), None)
 
 
-def watch_train(command, echo=lambda line: True, stop_after=None, log_path=None):
+def watch_train(command, echo=lambda line: True, stop_after=None, log_path=None, cwd=None):
     """Run a train.py command to its end, or SIGTERM it after stop_after seconds (it saves
     and stops at the step it is on); its lines go to stdout where echo(line) says so, and all
     of them to log_path. A failed command is a ValueError with train.py's own one-line error."""
     run, tail, t_start = TrainedRun(), [], time.time()
     log = open(log_path, "w", encoding="utf-8") if log_path else None
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd) as proc:
         timer = threading.Timer(stop_after, proc.send_signal, [signal.SIGTERM]) if stop_after else None
         if timer:
             timer.start()
@@ -417,6 +418,45 @@ def bench_loss(args, overrides):
         print(f"val loss <= {args.target} first at step {reached[1]}, {reached[0]:.1f}s after the start")
     else:
         print(f"val loss never reached {args.target}")
+
+
+# nanoGPT's README command for a CPU ("I only have a macbook"), run in a nanoGPT checkout
+NANOGPT_CPU = (
+    "config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 "
+    "--batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0"
+).split()
+
+
+def bench_versus(args, overrides):
+    """Our recipe against nanoGPT's README CPU command, side by side in one run: rounds that
+    take turns (ours, then nanoGPT's), each the whole command from its start, and for each
+    the time at which its printed val loss first reached the target. Both print the same
+    'step N: train loss X, val loss Y' line; each estimates the val loss on its own batches
+    (nanoGPT 20 of 12 x 64 characters every 250 steps, ours as its recipe says)."""
+    checkout = os.path.abspath(args.nanogpt)
+    if not os.path.isfile(os.path.join(checkout, "train.py")):
+        raise ValueError(f"--nanogpt={args.nanogpt}: no train.py there (a clone of github.com/karpathy/nanoGPT)")
+    if not os.path.isfile(os.path.join(checkout, "data", "shakespeare_char", "train.bin")):
+        raise ValueError(f"--nanogpt={args.nanogpt}: prepare its data first (python data/shakespeare_char/prepare.py there)")
+    ours = [sys.executable, os.path.join(ROOT, "train.py"), args.config, "--out_dir=out-bench-versus", "--overwrite=True"]
+    ours += overrides
+    out_dir = tempfile.mkdtemp(prefix="nanogpt-")
+    theirs = [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out_dir}"]
+    times = {"ours": [], "nanoGPT": []}
+    for r in range(args.rounds):
+        for name, command, cwd in (("ours", ours, None), ("nanoGPT", theirs, checkout)):
+            run = watch_train(command, echo=lambda line: False, cwd=cwd)
+            reached = run.first_at(args.target)
+            times[name].append(reached[0] if reached else float("inf"))
+            at = f"step {reached[1]}, {reached[0]:.1f}s" if reached else "never"
+            print(
+                f"round {r + 1}, {name}: val <= {args.target} at {at}; last val {run.evals[-1][2]:.4f}, whole command {run.wall:.1f}s"
+            )
+    best = {name: min(t) for name, t in times.items()}
+    print(
+        f"time to val <= {args.target}, the best of {args.rounds} rounds: ours {best['ours']:.1f}s, nanoGPT {best['nanoGPT']:.1f}s"
+    )
+    print(f"ours is {best['nanoGPT'] / best['ours']:.1f}x as fast ({torch.get_num_threads()} threads for this process)")
 
 
 def bench_sample(args, overrides):
@@ -808,6 +848,11 @@ def main():
     p.add_argument(
         "--out_dir", default=LOSS_OUT_DIR, help=f"where train.py writes (default {LOSS_OUT_DIR}, trained afresh by every run)"
     )
+    p = sub.add_parser("versus", help="our recipe against nanoGPT's README CPU command, time to a val loss")
+    p.add_argument("config", nargs="?", default="config/shakespeare_char_cpu.py")
+    p.add_argument("--nanogpt", required=True, help="a nanoGPT checkout with its data/shakespeare_char prepared")
+    p.add_argument("--target", type=float, default=1.88)
+    p.add_argument("--rounds", type=int, default=2)
     p = sub.add_parser("memory", help="chargpt/memory.py's estimate against the measured peak")
     p.add_argument("--out_dir", default=None, help="a trained checkpoint to measure sample.py's estimate on too")
     p = sub.add_parser("sample", help="generation speed")
@@ -828,7 +873,7 @@ def main():
     args, overrides = parser.parse_known_args()
     try:
         commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "limit": bench_limit}
-        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health)
+        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, versus=bench_versus)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)
