@@ -162,24 +162,25 @@ def analyse(model, tokenizer, ids, heads_off=()):
 def lens_table(model, tokenizer, ids, t=None):
     """The lens at position t of ids (default: the last) as lines of text for a terminal:
     one row per layer, the five likeliest next characters, and the real next character's
-    probability where ids holds it."""
+    probability where ids holds it. The model reads the block_size characters that end at t."""
     t = len(ids) - 1 if t is None else t
-    idx = torch.tensor([ids], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
+    window = ids[max(0, t + 1 - model.config.block_size) : t + 1]
+    idx = torch.tensor([window], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
     probs, _ = logit_lens(model, idx)
     next_id = ids[t + 1] if t + 1 < len(ids) else None
-    rows = position_rows(probs, t, tokenizer.chars, next_id)
+    rows = position_rows(probs, len(window) - 1, tokenizer.chars, next_id)
     shown = lambda ch: {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch)  # noqa: E731
     text = tokenizer.decode(ids[: t + 1])
     context = ("..." if len(text) > 24 else "") + "".join(map(shown, text[-24:]))
-    lines = [f"the next character after {context!r}, read after each layer through {through(model)}:"]
+    lines = [f"the next character after '{context}' (position {t}), read after each layer through {through(model)}:"]
     head = f"{'':>12}  " + "  ".join(f"{'top ' + str(k + 1):<9}" for k in range(len(rows[0]["top5"])))
     if next_id is not None:
-        head += f"  p({shown(tokenizer.chars[next_id])!r}, the real next)"
+        head += f"  p('{shown(tokenizer.chars[next_id])}', the real next)"
     lines.append(head)
     for name, row in zip(layer_names(model.config.n_layer), rows):
         cells = "  ".join(f"{shown(g['char']):<2} {g['prob'] * 100:5.1f}%" for g in row["top5"])
         lines.append(f"{name:>12}  {cells}" + ("" if row["next"] is None else f"  {row['next'] * 100:5.1f}%"))
-    return lines
+    return [line.rstrip() for line in lines]
 
 
 # -----------------------------------------------------------------------------
