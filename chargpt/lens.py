@@ -23,17 +23,16 @@ checkpoint is.
 import math
 import os
 import time
-from types import SimpleNamespace
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from chargpt.data import load_dataset
+from chargpt.data import read_vocabulary
 
 TOP = 5  # next characters shown per layer
-HEADS_BATCH = 8  # windows of block_size in rank_heads' slice of the val split
+HEADS_BATCH = 32  # windows of block_size in rank_heads' slice of the val split
 
 
 def check_heads_off(config, heads_off):
@@ -201,14 +200,21 @@ def val_slice(data, block_size, batch_size=HEADS_BATCH):
 
 def val_split(train_config, vocab):
     """(the val token array, its path) of the dataset a checkpoint was trained on, from its
-    train_config; a FileNotFoundError or ValueError that names the files where it is missing
-    or its vocabulary is not the checkpoint's."""
-    where = SimpleNamespace(data_dir=train_config.get("data_dir", "data"), dataset=train_config.get("dataset", ""))
-    _, val, tokenizer = load_dataset(where)
-    path = os.path.join(where.data_dir, where.dataset, "val.bin")
-    if tokenizer.chars != vocab:
-        raise ValueError(f"the vocabulary of {where.data_dir}/{where.dataset}/meta.json is not the checkpoint's")
-    return val, path
+    train_config: a FileNotFoundError or ValueError that names the file where it is missing,
+    damaged, or of another vocabulary than the checkpoint's."""
+    folder = os.path.join(train_config.get("data_dir", "data"), train_config.get("dataset", ""))
+    path, meta = os.path.join(folder, "val.bin"), os.path.join(folder, "meta.json")
+    for name in (path, meta):
+        if not os.path.isfile(name):
+            raise FileNotFoundError(f"{name} not found (the dataset the checkpoint was trained on: prepare.py makes it)")
+    if read_vocabulary(meta, "prepare it again").chars != vocab:
+        raise ValueError(f"the vocabulary of {meta} is not the checkpoint's")
+    if os.path.getsize(path) % 2 or os.path.getsize(path) < 4:
+        raise ValueError(f"{path} is not a file of uint16 tokens with at least two in it")
+    data = np.memmap(path, dtype=np.uint16, mode="r")
+    if int(data.max()) >= len(vocab):
+        raise ValueError(f"{path} holds token id {int(data.max())}, outside the checkpoint's {len(vocab)} characters")
+    return data, path
 
 
 @torch.no_grad()

@@ -215,3 +215,17 @@ def test_the_terminal_table_has_a_row_per_layer():
     # a position inside the text: the real next character's probability too
     lines = lens_table(model, tokenizer, ids_of("ROMEO:"), t=2)
     assert "'E', the real next" in lines[1]
+
+
+def test_the_val_split_is_the_checkpoints_own_or_an_error_naming_the_file(data_dir):
+    from chargpt.data import read_vocabulary
+    from chargpt.lens import val_split
+
+    where = {"data_dir": data_dir, "dataset": "tiny"}
+    vocab = read_vocabulary(f"{data_dir}/tiny/meta.json", "").chars
+    data, path = val_split(where, vocab)
+    assert path.endswith("tiny/val.bin") and len(data) > 16
+    with pytest.raises(ValueError, match="meta.json is not the checkpoint's"):
+        val_split(where, vocab[:-1])
+    with pytest.raises(FileNotFoundError, match="other/val.bin not found"):
+        val_split({**where, "dataset": "other"}, vocab)
