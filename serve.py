@@ -449,8 +449,9 @@ class Playground:
         }
 
     def lens(self, body):
-        """The logit lens and the per-character loss over the last block_size characters of text,
-        with the heads in heads_off switched off for this request alone (chargpt/lens.py)."""
+        """The logit lens and the per-character loss over the last block_size + 1 characters of
+        text (the model reads block_size of them; the last is the next character of the one
+        before), with the heads in heads_off switched off for this request alone (chargpt/lens.py)."""
         values = read_fields(body, LENS_FIELDS)
         loaded = self.looked_into()
         ids = self.encode(loaded, "text", values["text"])
@@ -458,7 +459,7 @@ class Playground:
             heads_off = check_heads_off(loaded.model.config, values["heads_off"])
         except ValueError as e:
             raise RequestError(400, "heads_off", str(e)) from None
-        shown = ids[-loaded.model.config.block_size :]  # the window /api/attention shows
+        shown = ids[-loaded.model.config.block_size - 1 :]  # a window of chargpt/evaluate.py
         return {"offset": len(ids) - len(shown), **analyse(loaded.model, loaded.tokenizer, shown, heads_off)}
 
     def heads(self):

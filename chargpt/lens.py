@@ -98,16 +98,18 @@ def through(model):
 
 
 @torch.no_grad()
-def logit_lens(model, idx, heads_off=()):
+def logit_lens(model, idx, heads_off=(), targets=None):
     """(probs, loss) of one sequence idx (1, T): probs (n_layer + 1, T, vocab_size), the
     next-character distribution read from the residual stream after the embeddings and
-    after each Block; loss (T - 1,), the cross-entropy of the real next character at each
-    position but the last (whose next character is not in idx), from the last row."""
+    after each Block; loss (n,), the cross-entropy of targets (1, n), n <= T, the real next
+    characters of the first n positions, from the last row. Without targets they are
+    idx's own: every position's but the last, whose next character is not in idx."""
     streams = residual_stream(model, idx, heads_off)
     # one read-out per layer, each on a (1, T, C) as GPT.forward's: the last row is then the
     # model's own distribution bit for bit
     logits = torch.cat([read_out(model, x) for x in streams]).float()  # (n_layer + 1, T, V)
-    loss = F.cross_entropy(logits[-1, :-1], idx[0, 1:], reduction="none")  # (T - 1,)
+    targets = idx[0, 1:] if targets is None else targets[0]  # (n,)
+    loss = F.cross_entropy(logits[-1, : len(targets)], targets, reduction="none")  # (n,)
     return F.softmax(logits, dim=-1), loss
 
 
@@ -132,28 +134,32 @@ def position_rows(probs, t, chars, next_id=None):
 
 @torch.no_grad()
 def analyse(model, tokenizer, ids, heads_off=()):
-    """The lens at every position of ids (at most block_size tokens) and its per-character
-    loss, with the heads in heads_off switched off and, for comparison, with every head on:
-    a plain dict (JSON for serve.py's /api/lens)."""
+    """The lens at every position of ids and its per-character loss, with the heads in
+    heads_off switched off and, for comparison, with every head on: a plain dict (JSON for
+    serve.py's /api/lens). ids holds at most block_size + 1 tokens, as a window of
+    chargpt/evaluate.py does: the model reads the first block_size, and the last is only
+    the next character of the one before it."""
     heads_off = check_heads_off(model.config, heads_off)
+    assert len(ids) <= model.config.block_size + 1, "a window holds block_size + 1 tokens at most"
     device = model.lm_head.weight.device
-    idx = torch.tensor([ids], dtype=torch.long, device=device)  # (1, T)
+    T = min(len(ids), model.config.block_size)  # positions the model reads
+    idx = torch.tensor([ids[:T]], dtype=torch.long, device=device)  # (1, T)
+    targets = torch.tensor([ids[1:]], dtype=torch.long, device=device)  # (1, len(ids) - 1): T - 1 or T
     t0 = time.perf_counter()
-    probs, loss = logit_lens(model, idx, heads_off)  # (n_layer + 1, T, V), (T - 1,)
-    loss_intact = logit_lens(model, idx)[1] if heads_off else loss  # (T - 1,)
+    probs, loss = logit_lens(model, idx, heads_off, targets)  # (n_layer + 1, T, V), (len(ids) - 1,)
+    loss_intact = logit_lens(model, idx, targets=targets)[1] if heads_off else loss
     seconds = time.perf_counter() - t0
     chars = tokenizer.chars
-    T = len(ids)
     return {
         "chars": list(tokenizer.decode(ids)),
         "layers": layer_names(model.config.n_layer),
         "through": through(model),
         "heads_off": [list(pair) for pair in heads_off],
-        "lens": [position_rows(probs, t, chars, ids[t + 1] if t + 1 < T else None) for t in range(T)],
+        "lens": [position_rows(probs, t, chars, ids[t + 1] if t + 1 < len(ids) else None) for t in range(T)],
         "loss": [round(v, 4) for v in loss.tolist()],
         "loss_intact": [round(v, 4) for v in loss_intact.tolist()],
-        "mean_loss": round(loss.mean().item(), 4) if T > 1 else None,
-        "mean_loss_intact": round(loss_intact.mean().item(), 4) if T > 1 else None,
+        "mean_loss": round(loss.mean().item(), 4) if len(ids) > 1 else None,
+        "mean_loss_intact": round(loss_intact.mean().item(), 4) if len(ids) > 1 else None,
         "seconds": round(seconds, 4),
     }
 

@@ -104,7 +104,7 @@ def test_a_head_off_is_the_lectures_heads_with_that_one_silenced():
     assert not torch.allclose(sa(x, mask), sa(x), atol=1e-4)
 
 
-@pytest.mark.parametrize("length", [16, 9, 2])
+@pytest.mark.parametrize("length", [17, 16, 9, 2])  # block_size + 1: the model reads 16, the 17th is a target
 def test_the_per_character_losses_average_to_evals_loss_on_the_same_text(length):
     model = tiny()
     ids = ids_of("ROMEO:\nA KING OR AN")[:length]

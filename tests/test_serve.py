@@ -233,10 +233,11 @@ def test_lens_ends_with_the_models_own_guess_and_heads_off_live_in_the_request(s
     assert off["loss"] != lens["loss"] and off["lens"][0][0] == lens["lens"][0][0]  # the embeddings are not a head's
     assert call(server, "POST", "/api/lens", {"text": text})[2]["loss"] == lens["loss"]
     assert all(torch.equal(v, before[k]) for k, v in playground.model.state_dict().items())
-    # a text longer than block_size: its last block_size characters, as /api/attention shows them
+    # a text longer than block_size: its last block_size + 1 characters, a window of eval.py's
     long = "KING:\nthe king and queen of rome"
     answer = call(server, "POST", "/api/lens", {"text": long})[2]
-    assert answer["chars"] == list(long[-16:]) and answer["offset"] == len(long) - 16 and len(answer["lens"]) == 16
+    assert answer["chars"] == list(long[-17:]) and answer["offset"] == len(long) - 17 and len(answer["lens"]) == 16
+    assert len(answer["loss"]) == 16 and answer["lens"][-1][-1]["next"] > 0  # the 17th: the 16th's next character
 
 
 def test_heads_are_ranked_on_the_val_split_once_per_checkpoint(tmp_path, data_dir):
