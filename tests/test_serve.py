@@ -989,6 +989,83 @@ class BusyElsewhere:
         return 1.0
 
 
+def test_the_page_shows_the_lens_and_switches_heads_off_in_a_browser(tmp_path, data_dir):
+    """Pointing at a character shows its lens, one row per layer, ending with the model's own
+    guess; the heads view ranks every head as /api/heads does, and a click on one switches it
+    off for the page's next questions: the lens, the top-5 and the marked characters follow."""
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    train_tiny(data_dir, tmp_path / "out", max_iters=30)
+    try:
+        with running(tmp_path / "out") as server:
+            wait = WebDriverWait(driver, 30)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            wait.until(lambda d: d.find_element(By.ID, "heads-status").get_attribute("data-state") == "shown")
+            ranked = call(server, "GET", "/api/heads")[2]
+            assert "32 windows of 16 characters" in driver.find_element(By.ID, "heads-status").text
+            buttons = driver.find_elements(By.CSS_SELECTOR, "#heads-grid button.head")
+            rises = {
+                (int(b.get_attribute("data-layer")), int(b.get_attribute("data-head"))): b.get_attribute("data-rise")
+                for b in buttons
+            }
+            assert rises == {(h["layer"], h["head"]): str(h["rise"]) for h in ranked["heads"]}
+            order = [
+                (int(li.get_attribute("data-layer")), int(li.get_attribute("data-head")))
+                for li in driver.find_elements(By.CSS_SELECTOR, "#heads-rank li")
+            ]
+            assert order == [(h["layer"], h["head"]) for h in ranked["heads"]]
+
+            text = "KING:\nthe king an"  # 17 characters: one window of block_size + 1
+            prompt = driver.find_element(By.ID, "prompt")
+            prompt.clear()
+            prompt.send_keys(text)
+            driver.find_elements(By.CSS_SELECTOR, "#text span.c")[8].click()
+            table = driver.find_element(By.ID, "lens-table")
+            wait.until(lambda d: table.get_attribute("data-state") == "shown" and table.get_attribute("data-row") == "8")
+            spans = driver.find_elements(By.CSS_SELECTOR, "#text span.c")
+            assert "".join("\n" if "nl" in s.get_attribute("class") else s.text or " " for s in spans) == text
+            lens = call(server, "POST", "/api/lens", {"text": text})[2]
+            assert lens["offset"] == 0 and len(lens["chars"]) == 17
+            rows = driver.find_elements(By.CSS_SELECTOR, "#lens-table tr[data-layer]")
+            assert [r.get_attribute("data-layer") for r in rows] == ["embeddings", "Block 0", "Block 1"]
+            for row, expected in zip(rows, lens["lens"][8]):
+                guesses = row.find_elements(By.CSS_SELECTOR, ".guess")
+                assert [g.get_attribute("data-char") for g in guesses] == [g["char"] for g in expected["top5"]]
+                assert row.find_element(By.CSS_SELECTOR, "td.next").get_attribute("data-prob") == str(expected["next"])
+            # the last row is the next-character panel's guess
+            first = driver.find_element(By.CSS_SELECTOR, "#top5 li .ch").text
+            assert rows[-1].find_element(By.CSS_SELECTOR, ".guess .ch").text == first  # both as label() shows it
+            assert not driver.find_elements(By.CSS_SELECTOR, "#text span.hurt")
+
+            # a head switched off: the lens, the top-5 and the marks are those of /api/lens with it off
+            driver.find_element(By.CSS_SELECTOR, '#heads-grid button[data-layer="1"][data-head="0"]').click()
+            wait.until(lambda d: table.get_attribute("data-heads") == "1.0")
+            off = call(server, "POST", "/api/lens", {"text": text, "heads_off": [[1, 0]]})[2]
+            rows = driver.find_elements(By.CSS_SELECTOR, "#lens-table tr[data-layer]")
+            assert [g.get_attribute("data-char") for g in rows[-1].find_elements(By.CSS_SELECTOR, ".guess")] == [
+                g["char"] for g in off["lens"][8][-1]["top5"]
+            ]
+            assert "with 1 head off" in driver.find_element(By.ID, "top5-caption").text
+            rises = sorted(
+                ((a - b, t) for t, (a, b) in enumerate(zip(off["loss"], off["loss_intact"])) if a - b > 0.01), reverse=True
+            )
+            marked = sorted(int(s.get_attribute("data-i")) for s in driver.find_elements(By.CSS_SELECTOR, "#text span.hurt"))
+            assert marked == sorted(t + 1 for _, t in rises[:10]) and marked
+            assert (
+                f"went from {off['mean_loss_intact']:.3f} to {off['mean_loss']:.3f}"
+                in driver.find_element(By.ID, "ablation").text
+            )
+            # every head on again: nothing marked, the model's own guesses
+            driver.find_element(By.ID, "heads-reset").click()
+            wait.until(lambda d: table.get_attribute("data-heads") == "")
+            assert not driver.find_elements(By.CSS_SELECTOR, "#text span.hurt")
+            assert "head off" not in driver.find_element(By.ID, "top5-caption").text
+    finally:
+        driver.quit()
+
+
 def test_a_generation_leaves_a_busy_core_to_the_program_on_it(trained):
     from chargpt.machine import Threads
 
