@@ -117,19 +117,26 @@ def layer_names(n_layer):
     return ["embeddings"] + [f"Block {i}" for i in range(n_layer)]
 
 
-def position_rows(probs, t, chars, next_id=None):
-    """The lens at position t as rows, one per layer: {"top5": [{"char", "prob"} x 5],
-    "next": the probability of the real next character (None where it is not known)}."""
-    top = torch.topk(probs[:, t], min(TOP, probs.shape[-1]), dim=-1)  # (n_layer + 1, 5) values and indices
-    rows = []
-    for layer, (ps, ixs) in enumerate(zip(top.values.tolist(), top.indices.tolist())):
-        rows.append(
+def lens_rows(probs, chars, next_ids):
+    """The lens at each position as rows, one per layer: {"top5": [{"char", "prob"} x 5],
+    "next": the probability of the real next character}, from probs (n_layer + 1, T, V) and
+    next_ids, T ids or None where the next character is not known. Rounded to 4 decimals.
+    The arithmetic in one call each, not per position: the answer's Python objects are
+    most of what a long window costs."""
+    top = torch.topk(probs, min(TOP, probs.shape[-1]), dim=-1)  # (n_layer + 1, T, 5) values and indices
+    known = torch.tensor([0 if i is None else i for i in next_ids], device=probs.device)  # (T,)
+    nexts = probs.gather(-1, known.expand(probs.shape[0], -1)[..., None])[..., 0]  # (n_layer + 1, T)
+    values, indices, nexts = top.values.tolist(), top.indices.tolist(), nexts.tolist()
+    return [
+        [
             {
-                "top5": [{"char": chars[i], "prob": round(p, 4)} for p, i in zip(ps, ixs)],
-                "next": None if next_id is None else round(probs[layer, t, next_id].item(), 4),
+                "top5": [{"char": chars[i], "prob": round(p, 4)} for p, i in zip(values[layer][t], indices[layer][t])],
+                "next": None if next_ids[t] is None else round(nexts[layer][t], 4),
             }
-        )
-    return rows
+            for layer in range(len(values))
+        ]
+        for t in range(len(next_ids))
+    ]
 
 
 @torch.no_grad()
@@ -155,7 +162,7 @@ def analyse(model, tokenizer, ids, heads_off=()):
         "layers": layer_names(model.config.n_layer),
         "through": through(model),
         "heads_off": [list(pair) for pair in heads_off],
-        "lens": [position_rows(probs, t, chars, ids[t + 1] if t + 1 < len(ids) else None) for t in range(T)],
+        "lens": lens_rows(probs, chars, [ids[t + 1] if t + 1 < len(ids) else None for t in range(T)]),
         "loss": [round(v, 4) for v in loss.tolist()],
         "loss_intact": [round(v, 4) for v in loss_intact.tolist()],
         "mean_loss": round(loss.mean().item(), 4) if len(ids) > 1 else None,
@@ -173,7 +180,7 @@ def lens_table(model, tokenizer, ids, t=None):
     idx = torch.tensor([window], dtype=torch.long, device=model.lm_head.weight.device)  # (1, T)
     probs, _ = logit_lens(model, idx)
     next_id = ids[t + 1] if t + 1 < len(ids) else None
-    rows = position_rows(probs, len(window) - 1, tokenizer.chars, next_id)
+    rows = lens_rows(probs[:, -1:], tokenizer.chars, [next_id])[0]
     shown = lambda ch: {"\n": "\\n", " ": "␣", "\t": "\\t"}.get(ch, ch)  # noqa: E731
     text = tokenizer.decode(ids[: t + 1])
     context = ("..." if len(text) > 24 else "") + "".join(map(shown, text[-24:]))

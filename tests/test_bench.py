@@ -143,3 +143,11 @@ def test_the_gpu_checks_figures_on_the_cpu(data_dir, tmp_path):
     assert rows["tiny: val <= 1.48 first"] == "not reached"
     sampling = dict(bench_py.sampling_figures(str(out), "cpu", n=30))
     assert len(sampling) == 3 and all(figure.endswith(" chars/s") for figure in sampling.values())
+
+
+def test_bench_lens_times_the_playgrounds_lens_and_heads(data_dir, tmp_path):
+    out_dir = tmp_path / "o"
+    train.train(*tiny_configs(data_dir, out_dir, max_iters=5, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    out = bench("lens", f"--out_dir={out_dir}", "--chars=40", "--repeats=1")
+    assert "a text of 40 characters from" in out and "one window (17 characters)" in out
+    assert "each of its 40 characters (25 windows)" in out and "4 heads in turn, 32 windows of 16" in out
