@@ -1,8 +1,11 @@
 """Benchmarks: what the hardware gives, measured side by side in one run.
 
     python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
+    python bench.py limit                                # each CPU recipe's step against the matmul peak, in one run
+    python bench.py limit --profile=15                   # ... and the top operations of one step of each
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
+    python bench.py versus --nanogpt=../nanoGPT          # the CPU recipe against nanoGPT's README CPU command, to 1.88
     python bench.py sample                               # KV-cache vs uncached generation, each decode
                                                          # dtype, and what --decode_dtype=auto picks
     python bench.py sample --out_dir=out                 # ... with a trained checkpoint
@@ -266,6 +269,82 @@ def bench_sizes(args, overrides):
         )
 
 
+def matmul_peak(dtype, device="cpu", n=2048, seconds=0.5):
+    """The FLOP/s of one large square matrix product (n x n times n x n) in dtype on device,
+    the best of the calls made in about `seconds`: what the matmul kernels give at this
+    moment, threads and dtype, the ceiling a training step is measured against."""
+    a = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    b = torch.randn(n, n, device=device).to(getattr(torch, dtype))
+    torch.mm(a, b)  # the first call may pick kernels and allocate
+    sync(device)
+    best, t_end = float("inf"), time.perf_counter() + seconds
+    while time.perf_counter() < t_end or best == float("inf"):
+        t0 = time.perf_counter()
+        torch.mm(a, b)
+        sync(device)
+        best = min(best, time.perf_counter() - t0)
+    return 2 * n**3 / best
+
+
+def bench_limit(args, overrides):
+    """Each recipe's training step against the matmul peak, measured in one run: rounds
+    that take turns (a few steps of each recipe, then the peak in the dtype each one trains
+    in), each figure the best of its rounds, so that a machine whose speed drifts is
+    compared with itself. The step's FLOPs are train.py's own count (model.flops_per_token:
+    6 per weight that multiplies, plus attention; Muon's Newton-Schulz products not counted)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    recipes = []
+    for path in args.configs:
+        config, model_config = load_configs(path, overrides)
+        recipes.append((path, config, model_config))
+    steps = {path: [] for path, _, _ in recipes}
+    peaks, dtypes = {}, {}
+    for _ in range(args.rounds):
+        for path, config, model_config in recipes:
+            ms, _, dtype, model = time_steps(config, model_config, args.iters, args.warmup)
+            steps[path].append((ms, model))
+            dtypes[path] = dtype
+            peaks.setdefault(dtype, []).append(matmul_peak(dtype, resolve_device(config.device)))  # right after, same threads
+    units = "with bf16 units" if cpu_has_bf16_units() else "without bf16 units"
+    device = resolve_device(recipes[0][1].device)
+    where = f"CPU {units}" if device == "cpu" else device
+    print(f"{where}, {torch.get_num_threads()} threads, best of {args.rounds} rounds taking turns")
+    print("| recipe | dtype | ms/step | achieved TFLOP/s | matmul peak TFLOP/s | of the peak |\n|---|---|---|---|---|---|")
+    for path, config, model_config in recipes:
+        ms, model = min(steps[path], key=lambda s: s[0])
+        flops = model.flops_per_token() * config.batch_size * config.gradient_accumulation_steps * model_config.block_size
+        achieved, peak = flops / ms / 1e9, max(peaks[dtypes[path]]) / 1e12
+        print(f"| {path} | {dtypes[path]} | {ms:,.1f} | {achieved:.3f} | {peak:.3f} | {achieved / peak:.0%} |")
+    if args.profile:
+        for path, config, model_config in recipes:
+            print(f"\n{path}: the top {args.profile} operations of one step, by their own time")
+            print(profile_step(config, model_config, args.profile))
+
+
+def profile_step(config, model_config, top):
+    """torch.profiler's table of one warmed-up training step: where its time goes."""
+    from torch.profiler import ProfilerActivity, profile
+
+    device = resolve_device(config.device)
+    device_type = device.split(":")[0]
+    torch.manual_seed(0)
+    model = build_model(dataclasses.replace(model_config, vocab_size=65)).to(device)
+    model.train()
+    dtype = machine.training_dtype(
+        config.dtype, device, model, (config.batch_size, model_config.block_size), machine.Distributed()
+    )
+    ctx = autocast_context(device_type, dtype)
+    optimizer = make_optimizer(model, config, device_type)
+    batches = RandomBatches(65, model_config.block_size, config.batch_size)
+    for _ in range(3):
+        train_step(model, optimizer, batches, config, ctx, device)
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if device_type == "cuda" else [])
+    with profile(activities=activities) as prof:
+        train_step(model, optimizer, batches, config, ctx, device).item()
+    return prof.key_averages().table(sort_by="self_cpu_time_total", row_limit=top, max_name_column_width=48)
+
+
 LOSS_OUT_DIR = "out-bench"
 
 
@@ -285,13 +364,13 @@ class TrainedRun:
         return next(((t, step) for t, step, val in self.evals if val <= target), None)
 
 
-def watch_train(command, echo=lambda line: True, stop_after=None, log_path=None):
+def watch_train(command, echo=lambda line: True, stop_after=None, log_path=None, cwd=None):
     """Run a train.py command to its end, or SIGTERM it after stop_after seconds (it saves
     and stops at the step it is on); its lines go to stdout where echo(line) says so, and all
     of them to log_path. A failed command is a ValueError with train.py's own one-line error."""
     run, tail, t_start = TrainedRun(), [], time.time()
     log = open(log_path, "w", encoding="utf-8") if log_path else None
-    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True) as proc:
+    with subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, cwd=cwd) as proc:
         timer = threading.Timer(stop_after, proc.send_signal, [signal.SIGTERM]) if stop_after else None
         if timer:
             timer.start()
@@ -341,6 +420,45 @@ def bench_loss(args, overrides):
         print(f"val loss <= {args.target} first at step {reached[1]}, {reached[0]:.1f}s after the start")
     else:
         print(f"val loss never reached {args.target}")
+
+
+# nanoGPT's README command for a CPU ("I only have a macbook"), run in a nanoGPT checkout
+NANOGPT_CPU = (
+    "config/train_shakespeare_char.py --device=cpu --compile=False --eval_iters=20 --log_interval=1 --block_size=64 "
+    "--batch_size=12 --n_layer=4 --n_head=4 --n_embd=128 --max_iters=2000 --lr_decay_iters=2000 --dropout=0.0"
+).split()
+
+
+def bench_versus(args, overrides):
+    """Our recipe against nanoGPT's README CPU command, side by side in one run: rounds that
+    take turns (ours, then nanoGPT's), each the whole command from its start, and for each
+    the time at which its printed val loss first reached the target. Both print the same
+    'step N: train loss X, val loss Y' line; each estimates the val loss on its own batches
+    (nanoGPT 20 of 12 x 64 characters every 250 steps, ours as its recipe says)."""
+    checkout = os.path.abspath(args.nanogpt)
+    if not os.path.isfile(os.path.join(checkout, "train.py")):
+        raise ValueError(f"--nanogpt={args.nanogpt}: no train.py there (a clone of github.com/karpathy/nanoGPT)")
+    if not os.path.isfile(os.path.join(checkout, "data", "shakespeare_char", "train.bin")):
+        raise ValueError(f"--nanogpt={args.nanogpt}: prepare its data first (python data/shakespeare_char/prepare.py there)")
+    ours = [sys.executable, os.path.join(ROOT, "train.py"), args.config, "--out_dir=out-bench-versus", "--overwrite=True"]
+    ours += overrides
+    out_dir = tempfile.mkdtemp(prefix="nanogpt-")
+    theirs = [sys.executable, "train.py", *NANOGPT_CPU, f"--out_dir={out_dir}"]
+    times = {"ours": [], "nanoGPT": []}
+    for r in range(args.rounds):
+        for name, command, cwd in (("ours", ours, None), ("nanoGPT", theirs, checkout)):
+            run = watch_train(command, echo=lambda line: False, cwd=cwd)
+            reached = run.first_at(args.target)
+            times[name].append(reached[0] if reached else float("inf"))
+            at = f"step {reached[1]}, {reached[0]:.1f}s" if reached else "never"
+            print(
+                f"round {r + 1}, {name}: val <= {args.target} at {at}; last val {run.evals[-1][2]:.4f}, whole command {run.wall:.1f}s"
+            )
+    best = {name: min(t) for name, t in times.items()}
+    print(
+        f"time to val <= {args.target}, the best of {args.rounds} rounds: ours {best['ours']:.1f}s, nanoGPT {best['nanoGPT']:.1f}s"
+    )
+    print(f"ours is {best['nanoGPT'] / best['ours']:.1f}x as fast ({torch.get_num_threads()} threads for this process)")
 
 
 def bench_sample(args, overrides):
@@ -761,12 +879,24 @@ def main():
     p.add_argument("--iters", type=int, default=3)
     p.add_argument("--warmup", type=int, default=1)
     p.add_argument("--batch_size", type=int, default=16)
+    p = sub.add_parser("limit", help="each recipe's step against the matmul peak, in one run")
+    p.add_argument("configs", nargs="*", default=["config/shakespeare_char_cpu.py", "config/shakespeare_char.py"])
+    p.add_argument("--rounds", type=int, default=3)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch's threads (0: as torch starts)")
+    p.add_argument("--profile", type=int, default=0, help="then print the top N operations of one step of each recipe")
     p = sub.add_parser("loss", help="wall time to a target val loss")
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
     p.add_argument(
         "--out_dir", default=LOSS_OUT_DIR, help=f"where train.py writes (default {LOSS_OUT_DIR}, trained afresh by every run)"
     )
+    p = sub.add_parser("versus", help="our recipe against nanoGPT's README CPU command, time to a val loss")
+    p.add_argument("config", nargs="?", default="config/shakespeare_char_cpu.py")
+    p.add_argument("--nanogpt", required=True, help="a nanoGPT checkout with its data/shakespeare_char prepared")
+    p.add_argument("--target", type=float, default=1.88)
+    p.add_argument("--rounds", type=int, default=2)
     p = sub.add_parser("memory", help="chargpt/memory.py's estimate against the measured peak")
     p.add_argument("--out_dir", default=None, help="a trained checkpoint to measure sample.py's estimate on too")
     p = sub.add_parser("sample", help="generation speed")
@@ -790,8 +920,8 @@ def main():
     p.add_argument("--peak_tflops", type=float, default=None, help="the GPU's 16-bit peak, where bench.py does not know it")
     args, overrides = parser.parse_known_args()
     try:
-        commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample}
-        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, lens=bench_lens)
+        commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "limit": bench_limit}
+        commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, versus=bench_versus, lens=bench_lens)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

@@ -145,6 +145,44 @@ def test_the_gpu_checks_figures_on_the_cpu(data_dir, tmp_path):
     assert len(sampling) == 3 and all(figure.endswith(" chars/s") for figure in sampling.values())
 
 
+def test_bench_limit_sets_each_recipe_beside_the_matmul_peak(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\ndevice = 'cpu'\n")
+    out = bench("limit", str(cfg), "--rounds=2", "--iters=1", "--warmup=1", "--profile=5")
+    assert "| recipe | dtype | ms/step | achieved TFLOP/s | matmul peak TFLOP/s | of the peak |" in out
+    row = next(line for line in out.splitlines() if line.startswith(f"| {cfg} | float32 |"))
+    achieved, peak = (float(cell) for cell in row.split("|")[4:6])
+    assert 0 < achieved and 0 < peak  # both measured, in TFLOP/s
+    assert "the top 5 operations of one step" in out and "aten::mm" in out  # the profile names the matmuls
+
+
+def test_matmul_peak_counts_the_flops_of_one_product():
+    flops = bench_py.matmul_peak("float32", n=64, seconds=0.01)
+    assert 1e6 < flops < 1e14  # 2 n^3 over a positive time: a plausible rate, whatever the machine
+
+
+def test_bench_versus_times_both_commands_to_the_target(data_dir, tmp_path):
+    # a stand-in for a nanoGPT checkout: its train.py prints nanoGPT's eval lines
+    fake = tmp_path / "nanoGPT"
+    (fake / "data" / "shakespeare_char").mkdir(parents=True)
+    (fake / "data" / "shakespeare_char" / "train.bin").write_bytes(b"\0\0")
+    (fake / "train.py").write_text(
+        "import sys\nassert '--device=cpu' in sys.argv and '--n_layer=4' in sys.argv\n"
+        "print('step 0: train loss 4.2000, val loss 4.2000')\nprint('step 250: train loss 3.0000, val loss 3.1000')\n"
+    )
+    flags = tiny_flags(data_dir, tmp_path / "ours", max_iters=30, eval_interval=10, sample_chars=0, eval_sample_chars=0)
+    out = bench("versus", "--nanogpt", str(fake), "--target=3.5", "--rounds=2", *flags)
+    assert out.count("round ") == 4 and "round 2, nanoGPT: val <= 3.5 at step 250" in out
+    assert "time to val <= 3.5, the best of 2 rounds: ours " in out and "x as fast" in out
+
+
+def test_bench_versus_needs_a_prepared_nanogpt_checkout(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), "versus", f"--nanogpt={tmp_path}"], capture_output=True, text=True
+    )
+    assert result.returncode == 1 and "no train.py there" in result.stderr
+
+
 def test_bench_lens_times_the_playgrounds_lens_and_heads(data_dir, tmp_path):
     out_dir = tmp_path / "o"
     train.train(*tiny_configs(data_dir, out_dir, max_iters=5, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
