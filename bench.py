@@ -13,6 +13,7 @@
     python bench.py health config/shakespeare_char_cpu.py   # what health steps cost at --health_interval (chargpt/health.py)
     python bench.py classroom --out_dir=out-cpu          # serve.py with 30 clients at once, each its own seed, against
                                                          # one alone, at --max_generations 1, 2, 4 (docs/playground.md)
+    python bench.py lens --out_dir=out-cpu               # what the playground's lens and heads view cost (chargpt/lens.py)
     python bench.py gpu                                  # the GPU check: the GPU tests, stage 8 and the GPU recipe
                                                          # trained, sampling speed; one line where there is no GPU
 
@@ -49,6 +50,7 @@ from chargpt.config import SampleConfig, TrainConfig, parse
 from chargpt.data import load_dataset
 from chargpt.engine import DECODE_DTYPES, generate, generate_tokens, pick_decode_dtype
 from chargpt.health import Health, draw_health
+from chargpt.lens import analyse, rank_heads, val_slice, val_split
 from chargpt.machine import autocast_context, cpu_has_bf16_units, keep_freed_memory, resolve_device, resolve_dtype
 from chargpt.metrics import Reporter
 from chargpt.optim import LossScaler, make_optimizer, train_step
@@ -619,6 +621,48 @@ def sample_estimate(out_dir, flags):
 LECTURE_ARCHITECTURE = ["--position=learned", "--qk_norm=False", "--activation=relu"]
 
 
+def bench_lens(args, overrides):
+    """What the playground's lens costs for a text of --chars characters: one /api/lens answer
+    (its last window of block_size + 1), the same with a head off, and every window of the
+    text (pointing at each of its characters once); then /api/heads' ranking."""
+    if args.repeats < 1 or args.chars < 2:
+        raise ValueError(f"--repeats must be at least 1 and --chars at least 2, got {args.repeats} and {args.chars}")
+    path = find_checkpoint(args.out_dir)
+    checkpoint = load_checkpoint(path)
+    model, tokenizer = model_from_checkpoint(checkpoint, "cpu", path)
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"--out_dir: {path} holds a {model.config.model_type} model, which has no layers to look through")
+    torch.set_num_threads(1)  # as serve.py answers a request: its threads compute with one (chargpt/machine.py)
+    val, split = val_split(checkpoint.get("train_config", {}), tokenizer.chars)
+    ids = [int(t) for t in val[: args.chars]]  # the first characters of the val split (any text costs the same)
+    B, c = model.config.block_size, model.config
+    print(
+        f"{path}: {c.n_layer} layers x {c.n_head} heads, n_embd {c.n_embd}, block_size {B}; {machine.machine()}; "
+        f"as serve.py answers a request; a text of {len(ids)} characters from {split}"
+    )
+
+    def best(work):
+        times = []
+        for _ in range(args.repeats + 1):  # the first is a warm-up
+            t0 = time.perf_counter()
+            work()
+            times.append(time.perf_counter() - t0)
+        return min(times[1:]) * 1000
+
+    window = ids[-(B + 1) :]
+    one = best(lambda: analyse(model, tokenizer, window))
+    off = best(lambda: analyse(model, tokenizer, window, [(0, 0)]))
+    starts = sorted({max(0, i + 1 - B) for i in range(len(ids))})  # the windows the page asks for, one per start
+    every = best(lambda: [analyse(model, tokenizer, ids[s : s + B + 1]) for s in starts])
+    x, y = val_slice(val, B)
+    heads = best(lambda: rank_heads(model, x, y))
+    print(f"| what | ms (best of {args.repeats}) |\n|---|---|")
+    print(f"| /api/lens: one window ({len(window)} characters), every head on | {one:.1f} |")
+    print(f"| /api/lens: the same with a head off (and every head on, for the loss it rose by) | {off:.1f} |")
+    print(f"| every window of the text: pointing at each of its {len(ids)} characters ({len(starts)} windows) | {every:.0f} |")
+    print(f"| /api/heads: {c.n_layer * c.n_head} heads in turn, {x.shape[0]} windows of {x.shape[1]} | {heads:.0f} |")
+
+
 def bench_memory(args, overrides):
     runs = [
         ["config/shakespeare_char_cpu.py", "--dtype=float32"],
@@ -989,6 +1033,10 @@ def main():
     p.add_argument("--chars", type=int, default=300)
     p.add_argument("--generations", type=lambda v: [int(n) for n in v.split(",")], default=[1, 2, 4])
     p.add_argument("--idle", type=int, default=300, help="connections that never complete a request, beside which to time one")
+    p = sub.add_parser("lens", help="what the playground's logit lens and heads view cost")
+    p.add_argument("--out_dir", required=True, help="a trained checkpoint, with the dataset it was trained on")
+    p.add_argument("--chars", type=int, default=256, help="the text's length: its first characters of the val split")
+    p.add_argument("--repeats", type=int, default=5, help="timed passes of each row after a warm-up; each keeps its best")
     p = sub.add_parser("gpu", help="the prepared check of the GPU path: every figure in one run (under 8 minutes)")
     p.add_argument(
         "--lecture_minutes", type=float, default=3.0, help="stage 8's time budget: a cap, should its 5,000 steps take longer"
@@ -998,7 +1046,7 @@ def main():
     try:
         commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "limit": bench_limit}
         commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, versus=bench_versus)
-        commands.update(classroom=bench_classroom)
+        commands.update(classroom=bench_classroom, lens=bench_lens)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

@@ -150,18 +150,24 @@ class MultiHeadAttention(nn.Module):
         self.proj = nn.Linear(config.n_embd, config.n_embd, bias=config.bias) if config.proj else None
         self.dropout = Dropout(config.dropout)
 
-    def forward(self, x):
+    def forward(self, x, head_mask=None):
         B, T, C = x.shape
         q, k, v = self.qkv_by_head(x)  # (B, nh, T, hs) each
         # the lecture's masked softmax(q·kᵀ / sqrt(hs)) · v for every head, in one fused kernel
         dropout_p = self.attn_dropout if self.training else 0.0
         out = F.scaled_dot_product_attention(q, k, v, dropout_p=dropout_p, is_causal=True)  # (B, nh, T, hs)
-        return self.merge_heads(out)  # (B, T, C)
+        return self.merge_heads(out, head_mask)  # (B, T, C)
 
-    def merge_heads(self, out):
+    def merge_heads(self, out, head_mask=None):
         """The heads' outputs (B, nh, T, hs) side by side again, projected back into the
-        residual stream: (B, T, C)."""
+        residual stream: (B, T, C).
+
+        head_mask (nh,), for looking inside a trained model (chargpt/lens.py): head h's output
+        is multiplied by head_mask[h] before the projection, so 0 switches the head off. None,
+        the default, touches nothing."""
         B, nh, T, hs = out.shape
+        if head_mask is not None:
+            out = out * head_mask.to(out.dtype).view(1, nh, 1, 1)  # (B, nh, T, hs)
         out = out.transpose(1, 2).contiguous().view(B, T, nh * hs)  # (B, T, C)
         if self.proj is not None:
             out = self.proj(out)  # (B, T, C)
@@ -252,8 +258,8 @@ class Block(nn.Module):
         self.ln1 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm else nn.Identity()
         self.ln2 = nn.LayerNorm(config.n_embd, bias=config.bias) if config.layer_norm and self.ffwd else nn.Identity()
 
-    def forward(self, x):
-        a = self.sa(self.ln1(x))  # (B, T, C): communication
+    def forward(self, x, head_mask=None):
+        a = self.sa(self.ln1(x), head_mask)  # (B, T, C): communication (head_mask: MultiHeadAttention.merge_heads)
         # residual connections: a branch adds to x instead of replacing it, so the gradient
         # reaches the first layers unchanged through the sums
         x = x + a if self.residual else a

@@ -4,6 +4,8 @@
     python sample.py --out_dir out --start "ROMEO:" --num_samples 3 --max_new_tokens 300
     python sample.py --out_dir out --start FILE:prompt.txt --temperature 0.8 --top_k 40 --seed 7
     python sample.py --out_dir out --start "ROMEO:" --attention attn.png --max_new_tokens 0
+    python sample.py --out_dir out --lens "ROMEO:"            # the next character, layer by layer
+    python sample.py --out_dir out --lens "ROMEO:" --lens_at 2
     python sample.py --help
 
 Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
@@ -23,6 +25,12 @@ for the prompt as a grid of heatmaps (rows are layers, columns heads; row t of a
 how much the character at t takes from each earlier one, so everything above the diagonal
 is empty). It needs matplotlib; --max_new_tokens 0 gives the picture alone.
 
+--lens TEXT prints the logit lens and exits: the five likeliest characters after TEXT (or
+after its character at --lens_at), read from the residual stream after the embeddings and
+after each Block through the final LayerNorm and lm_head (chargpt/lens.py), one row per
+layer; the last row is the model's own guess. Inside the text, the real next character's
+probability at each layer too. The playground shows the same for every character.
+
 On a CPU, --threads=0 (the default) generates on the cores other programs leave free, as
 train.py does (chargpt/machine.py says why); it says so on stderr when that is fewer than all.
 """
@@ -36,6 +44,7 @@ import torch
 from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
 from chargpt.config import HelpRequested, SampleConfig, parse
 from chargpt.engine import generate_tokens
+from chargpt.lens import lens_table
 from chargpt.machine import Threads, resolve_device
 from chargpt.memory import check_sampling_memory
 
@@ -92,6 +101,9 @@ def main(argv=None):
         threads = Threads(config.threads, log=lambda message: print(message, file=sys.stderr)) if device == "cpu" else None
         path = find_checkpoint(config.out_dir)
         model, tokenizer = model_from_checkpoint(load_checkpoint(path, device), device, path)
+        if config.lens:
+            print("\n".join(lens_lines(model, tokenizer, config, path)))
+            return 0
         try:
             prompt_ids = tokenizer.encode(prompt)
         except ValueError as e:
@@ -128,6 +140,22 @@ def write_attention(model, tokenizer, prompt_ids, png, path):
         f"wrote {png}: attention of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters{cut}",
         file=sys.stderr,
     )
+
+
+def lens_lines(model, tokenizer, config, path):
+    """--lens: the lens table of --lens's text at --lens_at, as lines."""
+    if not hasattr(model, "blocks"):
+        raise ValueError(f"--lens: {path} holds a {model.config.model_type} model, which has no layers to look through")
+    text = config.lens_text()
+    try:
+        ids = tokenizer.encode(text)
+    except ValueError as e:
+        raise ValueError(f"--lens: {e}") from None
+    if not -len(ids) <= config.lens_at < len(ids):
+        raise ValueError(
+            f"--lens_at={config.lens_at}: the text has {len(ids)} characters (0..{len(ids) - 1}, or -1 for the last)"
+        )
+    return lens_table(model, tokenizer, ids, config.lens_at % len(ids))
 
 
 def print_samples(tokens, prompt, tokenizer, num_samples):

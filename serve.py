@@ -23,6 +23,9 @@ The page, chargpt/playground.html, talks to a small JSON API that curl can call 
                            ahead of it} whenever N changes; one {"char": ...} per character; an event "done"
     POST /api/attention    {"text": ...} -> the characters, weights[layer][head][t][s] and the top-5
                            next characters at each position
+    POST /api/lens         {"text": ..., "heads_off": [[layer, head], ...]} -> the logit lens at each
+                           position and the loss at each character, with those heads switched off
+    GET  /api/heads        every head switched off in turn on a slice of the val split: the loss it costs
 
 Generation is sample.py's own (chargpt/engine.py's generate_tokens): the same settings and seed give the
 same text. Bad input is a 4xx with one line of JSON, {"error": "FIELD: what is wrong", "field": FIELD}.
@@ -78,6 +81,7 @@ import torch
 from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
 from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, check_choice, knob, parse
 from chargpt.engine import generate_tokens, resolve_decode_dtype
+from chargpt.lens import analyse, check_heads_off, rank_heads, val_slice, val_split
 from chargpt.machine import Threads, resolve_device
 from chargpt.metrics import read_records
 from chargpt.turns import Turns
@@ -178,7 +182,8 @@ GENERATE_FIELDS = {
     "seed": (int, SampleConfig.seed),
 }
 ATTENTION_FIELDS = {"text": (str, None)}
-TYPE_NAMES = {str: "a string", int: "an integer", float: "a number"}
+LENS_FIELDS = {"text": (str, None), "heads_off": (list, [])}
+TYPE_NAMES = {str: "a string", int: "an integer", float: "a number", list: "a list"}
 
 
 def finite(value):
@@ -323,6 +328,7 @@ class Playground:
         self.lock = threading.Lock()
         self.finished = []  # one (characters generated, characters asked for, True if the client left) per generation
         self.stopping = threading.Event()  # set by stop(): each generation ends at its next character
+        self.ranked = {}  # the checkpoint's stamp -> /api/heads' answer: the ranking is computed once per checkpoint
 
     # -- the checkpoint: the newest in out_dir, looked for at every request
 
@@ -472,6 +478,44 @@ class Playground:
             "top5": next_chars,
         }
 
+    def lens(self, body):
+        """The logit lens and the per-character loss over the last block_size + 1 characters of
+        text (the model reads block_size of them; the last is the next character of the one
+        before), with the heads in heads_off switched off for this request alone (chargpt/lens.py)."""
+        values = read_fields(body, LENS_FIELDS)
+        loaded = self.looked_into()
+        ids = self.encode(loaded, "text", values["text"])
+        try:
+            heads_off = check_heads_off(loaded.model.config, values["heads_off"])
+        except ValueError as e:
+            raise RequestError(400, "heads_off", str(e)) from None
+        shown = ids[-loaded.model.config.block_size - 1 :]  # a window of chargpt/evaluate.py
+        return {"offset": len(ids) - len(shown), **analyse(loaded.model, loaded.tokenizer, shown, heads_off)}
+
+    def heads(self):
+        """Every head switched off in turn on a fixed slice of the val split the checkpoint was
+        trained on, ranked by the loss it costs; once per checkpoint."""
+        loaded = self.looked_into()
+        with self.lock:
+            if loaded.stamp in self.ranked:
+                return self.ranked[loaded.stamp]
+        try:
+            val, path = val_split(loaded.info["train_config"], loaded.tokenizer.chars)
+        except (OSError, ValueError) as e:
+            raise RequestError(404, "dataset", f"the heads are ranked on the val split the model was trained on: {e}") from None
+        x, y = val_slice(val, loaded.model.config.block_size)
+        answer = finite({"split": path, "checkpoint_id": loaded.info["checkpoint_id"], **rank_heads(loaded.model, x, y)})
+        with self.lock:
+            self.ranked = {loaded.stamp: answer}
+        return answer
+
+    def looked_into(self):
+        """The Loaded checkpoint for the lens and the heads: one with Blocks (not the bigram)."""
+        loaded = self.checkpoint()
+        if not loaded.has_attention:
+            raise RequestError(400, "checkpoint", f"a {loaded.info['model_type']} model has no layers or heads to look into")
+        return loaded
+
     def metrics(self):
         """metrics.jsonl's records, with non-finite numbers as null (JSON has no NaN), and the
         run's limits from its config.json: max_iters and time_budget (minutes, 0 for none)."""
@@ -561,6 +605,8 @@ ROUTES = {
     "/api/metrics": {"GET": "get_metrics"},
     "/api/generate": {"POST": "post_generate"},
     "/api/attention": {"POST": "post_attention"},
+    "/api/lens": {"POST": "post_lens"},
+    "/api/heads": {"GET": "get_heads"},
 }
 
 
@@ -757,6 +803,12 @@ class Handler(BaseHTTPRequestHandler):
 
     def post_attention(self):
         self.send_json(200, self.server.playground.attention(self.read_json()))
+
+    def post_lens(self):
+        self.send_json(200, self.server.playground.lens(self.read_json()))
+
+    def get_heads(self):
+        self.send_json(200, self.server.playground.heads())
 
     def post_generate(self):
         playground = self.server.playground

@@ -9,6 +9,7 @@
     checkpoint.py    the checkpoint format: save, load, the random state, resuming
     engine.py        fast generation: the KV cache, the flat decode step, sampling, the decode dtype
     evaluate.py      the loss over a whole split (eval.py, ladder.py)
+    lens.py          inside a trained model: the guess layer by layer (logit lens), heads switched off
     machine.py       the device, torchrun's processes, the training dtype, the allocator, timing caches
     memory.py        how much memory a run needs, and refusing one that does not fit
     metrics.py       the progress line, metrics.jsonl and loss.png

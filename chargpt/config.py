@@ -277,6 +277,13 @@ class SampleConfig:
         "", "draw the attention weights of every layer and head for the prompt into this PNG file (needs matplotlib)"
     )
     threads: int = knob(0, "CPU threads: 0 uses the cores other programs leave free; N: exactly N")
+    lens: str = knob(
+        "",
+        "print the logit lens for this text (or FILE:path) and exit: the likeliest next characters, read after the embeddings and after each Block",
+    )
+    lens_at: int = knob(
+        -1, "with --lens: the position in its text to look at (-1: the last, predicting the character after the text)"
+    )
 
     def validate(self):
         if self.threads < 0:
@@ -303,13 +310,21 @@ class SampleConfig:
 
     def prompt(self):
         """The prompt text: --start itself, or the contents of the file named by FILE:path."""
-        start = self.start
-        if start.startswith("FILE:"):
-            path = start[len("FILE:") :]
-            if not os.path.isfile(path):
-                raise FileNotFoundError(f"--start=FILE:{path}: no such file")
-            with open(path, encoding="utf-8") as f:
-                start = f.read()
-        if not start:
-            raise ValueError("--start is empty: the model needs at least one character to continue")
-        return start
+        return text_of("start", self.start)
+
+    def lens_text(self):
+        """--lens's text, read as --start is."""
+        return text_of("lens", self.lens)
+
+
+def text_of(flag, value):
+    """A text flag's text: the value itself, or the contents of the file named by FILE:path."""
+    if value.startswith("FILE:"):
+        path = value[len("FILE:") :]
+        if not os.path.isfile(path):
+            raise FileNotFoundError(f"--{flag}=FILE:{path}: no such file")
+        with open(path, encoding="utf-8") as f:
+            value = f.read()
+    if not value:
+        raise ValueError(f"--{flag} is empty: the model needs at least one character to continue")
+    return value

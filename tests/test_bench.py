@@ -181,3 +181,11 @@ def test_bench_versus_needs_a_prepared_nanogpt_checkout(tmp_path):
         [sys.executable, os.path.join(ROOT, "bench.py"), "versus", f"--nanogpt={tmp_path}"], capture_output=True, text=True
     )
     assert result.returncode == 1 and "no train.py there" in result.stderr
+
+
+def test_bench_lens_times_the_playgrounds_lens_and_heads(data_dir, tmp_path):
+    out_dir = tmp_path / "o"
+    train.train(*tiny_configs(data_dir, out_dir, max_iters=5, sample_chars=0, eval_sample_chars=0), log=lambda m: None)
+    out = bench("lens", f"--out_dir={out_dir}", "--chars=40", "--repeats=1")
+    assert "a text of 40 characters from" in out and "one window (17 characters)" in out
+    assert "each of its 40 characters (25 windows)" in out and "4 heads in turn, 32 windows of 16" in out

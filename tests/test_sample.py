@@ -177,6 +177,45 @@ def test_attention_of_a_bigram_model_is_an_error(tmp_path, capsys, data_dir):
     assert code == 1 and "bigram model, which has no attention" in err and len(err.splitlines()) == 1
 
 
+def test_lens_prints_a_row_per_layer_ending_with_the_models_own_guess(trained, capsys, tmp_path):
+    from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+
+    code, out, err = run_main(capsys, f"--out_dir={trained}", "--lens=KING:", "--device=cpu")
+    assert code == 0, err
+    lines = out.splitlines()
+    assert lines[0].startswith("the next character after 'KING:' (position 4)") and "ln_f and lm_head" in lines[0]
+    assert [line.split()[0] for line in lines[2:]] == ["embeddings", "Block", "Block"]  # no sample after it
+    path = find_checkpoint(str(trained))
+    model, tokenizer = model_from_checkpoint(load_checkpoint(path), "cpu", path)
+    probs = torch.softmax(model(torch.tensor([tokenizer.encode("KING:")]))[0][0, -1], dim=-1)  # (V,)
+    best = probs.argmax().item()
+    shown = {"\n": "\\n", " ": "␣"}.get(tokenizer.chars[best], tokenizer.chars[best])
+    assert lines[-1].split()[2:4] == [shown, f"{probs[best].item() * 100:.1f}%"]
+    # inside the text (and from a file): the real next character's probability as a last column
+    (tmp_path / "text.txt").write_text("KING:\nthe king")
+    code, out, err = run_main(capsys, f"--out_dir={trained}", f"--lens=FILE:{tmp_path / 'text.txt'}", "--lens_at=1")
+    assert code == 0 and "after 'KI' (position 1)" in out and "p('N', the real next)" in out
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--lens=KING §"], "--lens: 1 character(s) not in the vocabulary: '§'"),
+        (["--lens=KING", "--lens_at=4"], "--lens_at=4: the text has 4 characters (0..3, or -1 for the last)"),
+        (["--lens=FILE:/no/such.txt"], "--lens=FILE:/no/such.txt: no such file"),
+    ],
+)
+def test_lens_errors_are_one_line(trained, capsys, flags, message):
+    code, out, err = run_main(capsys, f"--out_dir={trained}", *flags)
+    assert code == 1 and out == "" and err == f"sample.py: error: {message}"
+
+
+def test_lens_of_a_bigram_model_is_an_error(tmp_path, capsys, data_dir):
+    train_tiny(data_dir, tmp_path / "out", model_type="bigram", max_iters=1, eval_interval=1, eval_iters=1)
+    code, out, err = run_main(capsys, f"--out_dir={tmp_path / 'out'}", "--lens=KING")
+    assert code == 1 and "bigram model, which has no layers to look through" in err and len(err.splitlines()) == 1
+
+
 def test_help_lists_every_option_with_its_meaning(capsys):
     import dataclasses
 

@@ -220,6 +220,49 @@ def test_attention_of_a_long_text_shows_its_last_block(server):
     assert len(answer["weights"][0][0]) == 16
 
 
+def test_lens_ends_with_the_models_own_guess_and_heads_off_live_in_the_request(server):
+    playground, text = server.playground, "ROMEO:\nthe king"
+    before = {k: v.clone() for k, v in playground.model.state_dict().items()}
+    status, _, lens = call(server, "POST", "/api/lens", {"text": text})
+    assert status == 200 and lens["chars"] == list(text) and lens["offset"] == 0 and lens["heads_off"] == []
+    assert lens["layers"] == ["embeddings", "Block 0", "Block 1"] and lens["through"] == "ln_f and lm_head"
+    attention = call(server, "POST", "/api/attention", {"text": text})[2]
+    assert [rows[-1]["top5"] for rows in lens["lens"]] == attention["top5"]  # the last layer: the model's own top-5
+    assert len(lens["loss"]) == len(text) - 1 and lens["loss"] == lens["loss_intact"]
+    assert lens["lens"][-1][-1]["next"] is None and lens["lens"][0][-1]["next"] > 0
+    # a head off, in this request alone: the loss moves, the next request without it does not
+    status, _, off = call(server, "POST", "/api/lens", {"text": text, "heads_off": [[1, 0], [0, 1]]})
+    assert status == 200 and off["heads_off"] == [[0, 1], [1, 0]] and off["loss_intact"] == lens["loss"]
+    assert off["loss"] != lens["loss"] and off["lens"][0][0] == lens["lens"][0][0]  # the embeddings are not a head's
+    assert call(server, "POST", "/api/lens", {"text": text})[2]["loss"] == lens["loss"]
+    assert all(torch.equal(v, before[k]) for k, v in playground.model.state_dict().items())
+    # a text longer than block_size: its last block_size + 1 characters, a window of eval.py's
+    long = "KING:\nthe king and queen of rome"
+    answer = call(server, "POST", "/api/lens", {"text": long})[2]
+    assert answer["chars"] == list(long[-17:]) and answer["offset"] == len(long) - 17 and len(answer["lens"]) == 16
+    assert len(answer["loss"]) == 16 and answer["lens"][-1][-1]["next"] > 0  # the 17th: the 16th's next character
+
+
+def test_heads_are_ranked_on_the_val_split_once_per_checkpoint(tmp_path, data_dir):
+    from types import SimpleNamespace
+
+    from chargpt.data import load_dataset
+    from chargpt.lens import rank_heads, val_slice
+
+    train_tiny(data_dir, tmp_path / "out", max_iters=20)
+    with running(tmp_path / "out") as server:
+        status, _, ranked = call(server, "GET", "/api/heads")
+        assert status == 200 and ranked["split"].endswith(os.path.join("tiny", "val.bin")) and ranked["passes"] == 5
+        assert [(h["layer"], h["head"]) for h in ranked["heads"]] != [] and len(ranked["heads"]) == 4
+        val = load_dataset(SimpleNamespace(data_dir=data_dir, dataset="tiny"))[1]
+        expected = rank_heads(server.playground.model, *val_slice(val, 16))
+        assert [(h["layer"], h["head"], h["loss"]) for h in ranked["heads"]] == [
+            (h["layer"], h["head"], h["loss"]) for h in expected["heads"]
+        ]
+        assert ranked["batch"] == [32, 16] and ranked["loss"] == expected["loss"]
+        assert call(server, "GET", "/api/heads")[2] == ranked  # computed once: the same answer, its seconds too
+
+
 @pytest.mark.parametrize(
     "method, path, body, status, field, message",
     [
@@ -256,6 +299,14 @@ def test_attention_of_a_long_text_shows_its_last_block(server):
         ("POST", "/api/attention", {}, 400, "text", "missing"),
         ("POST", "/api/attention", {"text": None}, 400, "text", "got null"),
         ("POST", "/api/attention", {"text": "k" * 501}, 413, "text", "--max_chars"),
+        ("POST", "/api/lens", {"heads_off": []}, 400, "text", "missing"),
+        ("POST", "/api/lens", {"text": "KING §"}, 400, "text", "not in the vocabulary: '§'"),
+        ("POST", "/api/lens", {"text": "KING", "heads_off": "0,1"}, 400, "heads_off", 'expected a list, got "0,1"'),
+        ("POST", "/api/lens", {"text": "KING", "heads_off": [[2, 0]]}, 400, "heads_off", "layer 2 is not one of the model's 2"),
+        ("POST", "/api/lens", {"text": "KING", "heads_off": [[0, 1, 2]]}, 400, "heads_off", "[layer, head] pairs"),
+        ("POST", "/api/lens", {"text": "KING", "heads": []}, 400, "heads", "unknown field"),
+        ("GET", "/api/heads", None, 404, "dataset", "val.bin not found"),  # the fixture's dataset is gone
+        ("POST", "/api/heads", {}, 405, "method", "POST is not allowed on /api/heads (only GET)"),
         ("GET", "/api/nothing", None, 404, "path", "/api/nothing"),
         ("GET", "/api/generate", None, 405, "method", "GET is not allowed on /api/generate"),
     ],
@@ -460,6 +511,9 @@ def test_a_bigram_checkpoint_has_next_characters_but_no_attention(tmp_path, data
         assert info["model_type"] == "bigram" and not info["has_attention"] and info["n_layer"] == 0
         status, _, answer = call(server, "POST", "/api/attention", {"text": "KING"})
         assert status == 200 and answer["weights"] == [] and len(answer["top5"]) == 4
+        for path, body in (("/api/lens", {"text": "KING"}), ("/api/heads", None)):
+            status, _, answer = call(server, "POST" if body else "GET", path, body)
+            assert status == 400 and answer["error"] == "checkpoint: a bigram model has no layers or heads to look into"
         assert len(streamed_text(server, prompt="KING", max_new_tokens=10)) == 10
     finally:
         server.shutdown()
@@ -1130,6 +1184,83 @@ class BusyElsewhere:
 
     def others(self):
         return 1.0
+
+
+def test_the_page_shows_the_lens_and_switches_heads_off_in_a_browser(tmp_path, data_dir):
+    """Pointing at a character shows its lens, one row per layer, ending with the model's own
+    guess; the heads view ranks every head as /api/heads does, and a click on one switches it
+    off for the page's next questions: the lens, the top-5 and the marked characters follow."""
+    driver = browser()
+    from selenium.webdriver.common.by import By
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    train_tiny(data_dir, tmp_path / "out", max_iters=30)
+    try:
+        with running(tmp_path / "out") as server:
+            wait = WebDriverWait(driver, 30)
+            driver.get(f"http://127.0.0.1:{server.server_address[1]}/")
+            wait.until(lambda d: d.find_element(By.ID, "heads-status").get_attribute("data-state") == "shown")
+            ranked = call(server, "GET", "/api/heads")[2]
+            assert "32 windows of 16 characters" in driver.find_element(By.ID, "heads-status").text
+            buttons = driver.find_elements(By.CSS_SELECTOR, "#heads-grid button.head")
+            rises = {
+                (int(b.get_attribute("data-layer")), int(b.get_attribute("data-head"))): b.get_attribute("data-rise")
+                for b in buttons
+            }
+            assert rises == {(h["layer"], h["head"]): str(h["rise"]) for h in ranked["heads"]}
+            order = [
+                (int(li.get_attribute("data-layer")), int(li.get_attribute("data-head")))
+                for li in driver.find_elements(By.CSS_SELECTOR, "#heads-rank li")
+            ]
+            assert order == [(h["layer"], h["head"]) for h in ranked["heads"]]
+
+            text = "KING:\nthe king an"  # 17 characters: one window of block_size + 1
+            prompt = driver.find_element(By.ID, "prompt")
+            prompt.clear()
+            prompt.send_keys(text)
+            driver.find_elements(By.CSS_SELECTOR, "#text span.c")[8].click()
+            table = driver.find_element(By.ID, "lens-table")
+            wait.until(lambda d: table.get_attribute("data-state") == "shown" and table.get_attribute("data-row") == "8")
+            spans = driver.find_elements(By.CSS_SELECTOR, "#text span.c")
+            assert "".join("\n" if "nl" in s.get_attribute("class") else s.text or " " for s in spans) == text
+            lens = call(server, "POST", "/api/lens", {"text": text})[2]
+            assert lens["offset"] == 0 and len(lens["chars"]) == 17
+            rows = driver.find_elements(By.CSS_SELECTOR, "#lens-table tr[data-layer]")
+            assert [r.get_attribute("data-layer") for r in rows] == ["embeddings", "Block 0", "Block 1"]
+            for row, expected in zip(rows, lens["lens"][8]):
+                guesses = row.find_elements(By.CSS_SELECTOR, ".guess")
+                assert [g.get_attribute("data-char") for g in guesses] == [g["char"] for g in expected["top5"]]
+                assert row.find_element(By.CSS_SELECTOR, "td.next").get_attribute("data-prob") == str(expected["next"])
+            # the last row is the next-character panel's guess
+            first = driver.find_element(By.CSS_SELECTOR, "#top5 li .ch").text
+            assert rows[-1].find_element(By.CSS_SELECTOR, ".guess .ch").text == first  # both as label() shows it
+            assert not driver.find_elements(By.CSS_SELECTOR, "#text span.hurt")
+
+            # a head switched off: the lens, the top-5 and the marks are those of /api/lens with it off
+            driver.find_element(By.CSS_SELECTOR, '#heads-grid button[data-layer="1"][data-head="0"]').click()
+            wait.until(lambda d: table.get_attribute("data-heads") == "1.0")
+            off = call(server, "POST", "/api/lens", {"text": text, "heads_off": [[1, 0]]})[2]
+            rows = driver.find_elements(By.CSS_SELECTOR, "#lens-table tr[data-layer]")
+            assert [g.get_attribute("data-char") for g in rows[-1].find_elements(By.CSS_SELECTOR, ".guess")] == [
+                g["char"] for g in off["lens"][8][-1]["top5"]
+            ]
+            assert "with 1 head off" in driver.find_element(By.ID, "top5-caption").text
+            rises = sorted(
+                ((a - b, t) for t, (a, b) in enumerate(zip(off["loss"], off["loss_intact"])) if a - b > 0.01), reverse=True
+            )
+            marked = sorted(int(s.get_attribute("data-i")) for s in driver.find_elements(By.CSS_SELECTOR, "#text span.hurt"))
+            assert marked == sorted(t + 1 for _, t in rises[:10]) and marked
+            assert (
+                f"went from {off['mean_loss_intact']:.3f} to {off['mean_loss']:.3f}"
+                in driver.find_element(By.ID, "ablation").text
+            )
+            # every head on again: nothing marked, the model's own guesses
+            driver.find_element(By.ID, "heads-reset").click()
+            wait.until(lambda d: table.get_attribute("data-heads") == "")
+            assert not driver.find_elements(By.CSS_SELECTOR, "#text span.hurt")
+            assert "head off" not in driver.find_element(By.ID, "top5-caption").text
+    finally:
+        driver.quit()
 
 
 def test_a_generation_leaves_a_busy_core_to_the_program_on_it(trained):

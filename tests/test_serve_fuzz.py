@@ -191,6 +191,24 @@ def test_fuzzed_json_bodies_get_their_answer_or_a_json_4xx(server, capfd, data):
     check_log(server, capfd)
 
 
+@given(data=st.data())
+@FUZZ
+def test_fuzzed_lens_bodies_get_their_answer_or_a_json_4xx(server, capfd, data):
+    """/api/lens with texts and heads_off of every shape: pairs in and out of range, pairs of
+    the wrong length or type, anything at all."""
+    vocab = server.playground.tokenizer.chars
+    strings = texts(vocab)
+    anything = json_values(strings)
+    pairs = st.lists(st.lists(st.integers(-1, 4) | anything, max_size=3), max_size=4)
+    body = data.draw(st.fixed_dictionaries({}, optional={"text": strings | anything, "heads_off": pairs | anything}) | anything)
+    status, _, reply = answer(exchange(server, request(path=b"/api/lens", body=json.dumps(body).encode())))
+    if status == 200:
+        lens = json.loads(reply)
+        assert len(lens["lens"]) == min(len(lens["chars"]), server.playground.model.config.block_size)
+        assert len(lens["loss"]) == len(lens["chars"]) - 1 == len(lens["loss_intact"])
+    check_log(server, capfd)
+
+
 @given(
     body=st.binary(max_size=40),
     content_type=st.sampled_from(
