@@ -5,7 +5,7 @@
     python train.py config/shakespeare_char.py         # the lecture's quality: 2,600 steps, 13-15 minutes on 2 cores, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
-    python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
+    python train.py --out_dir=out --init_from=resume   # continue out/ckpt.pt with the settings it was trained with
     python train.py config/shakespeare_char.py --max_iters=4500 --time_budget=35   # longer, a better model
     python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
@@ -16,8 +16,10 @@ then the config file, then --key=value flags. The run writes into out_dir: confi
 loss so far), metrics.jsonl and loss.png (chargpt/metrics.py), health.png (each layer's
 activations, gradients and update sizes every health_interval steps: chargpt/health.py)
 and, at the end, samples.txt.
-Ctrl-C or SIGTERM saves ckpt.pt and exits; --init_from=resume continues exactly where the
-run stopped, and max_iters stays the total number of steps.
+Ctrl-C or SIGTERM saves ckpt.pt, prints the command that continues the run and exits;
+--init_from=resume continues exactly where the run stopped, with the settings stored in
+out_dir/ckpt.pt (a config file or flags given with it override them: --max_iters=N for
+more steps; max_iters stays the total number of steps).
 
 A run stops at max_iters steps or, with --time_budget=MINUTES, when the budget is spent,
 whichever comes first; the learning rate schedule follows the nearer of the two
@@ -47,7 +49,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
 from chargpt import machine, rundir
-from chargpt.config import HelpRequested, TrainConfig, parse
+from chargpt.config import HelpRequested, TrainConfig, parse, with_values
 from chargpt.data import BatchSampler, load_dataset
 from chargpt.engine import sample_text
 from chargpt.health import Health
@@ -105,9 +107,8 @@ def training_loop(run):
                 break
             if stop.requested(run.ddp, run.device):
                 run.save(run.ckpt_path)
-                report.log(
-                    f"{stop.signal or 'stop'}: saved {run.ckpt_path} at step {run.iter_num}; continue with --init_from=resume"
-                )
+                command = rundir.resume_command(config.out_dir, world_size=run.ddp.world_size)
+                report.log(f"{stop.signal or 'stop'}: saved {run.ckpt_path} at step {run.iter_num}; continue with: {command}")
                 return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
             t_step = time.time()
@@ -340,7 +341,7 @@ def setup(config, model_config, ddp, device, log, live, t_start):
     resumed = config.init_from == "resume"
     run.report = Reporter(config.out_dir, log, live, run.start_iter, config.max_iters, tokens_per_iter, resumed,
                           write_files=ddp.master, time_budget=run.progress.budget, t_start=t_start,
-                          elapsed_before=elapsed_before)  # fmt: skip
+                          elapsed_before=elapsed_before, world_size=ddp.world_size)  # fmt: skip
     # each layer's activations, gradients and updates every health_interval steps, measured on rank 0
     interval = config.health_interval if ddp.master else 0
     run.health = Health(run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1)
@@ -466,10 +467,28 @@ class StopRequested:
             signal.signal(s, handler)
 
 
+def read_settings(argv):
+    """(TrainConfig, GPTConfig): the defaults, then the config file, then the flags. A resume
+    starts from the settings its checkpoint was trained with instead of the defaults, so that
+    `--out_dir=DIR --init_from=resume` alone continues the run as it was; a config file and
+    flags still override them (a longer --max_iters, another --time_budget), and one that
+    cannot change (the model's shape, the optimizer) is refused by the resume's checks."""
+    usage = "train.py [CONFIG_FILE] [--key=value ...]"
+    (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], usage)
+    stored = ckpt.stored_settings(os.path.join(config.out_dir, "ckpt.pt")) if config.init_from == "resume" else None
+    if stored is None:
+        return config, model_config
+    # the folder it is in now, and a resume never overwrites: whatever the first run said
+    train_values = {**stored[0], "out_dir": config.out_dir, "overwrite": False}
+    base = [with_values(TrainConfig(), train_values), with_values(GPTConfig(), stored[1])]
+    (config, model_config), _ = parse(argv, base, usage)
+    return config, model_config
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], "train.py [CONFIG_FILE] [--key=value ...]")
+        config, model_config = read_settings(argv)
         live = sys.stdout if sys.stdout.isatty() else None
         summary = train(config, model_config, log=lambda msg: print(msg, flush=True), live=live)
     except HelpRequested as e:

@@ -156,6 +156,22 @@ def set_rng_state(state, batch_sampler):
 # resuming: what a checkpoint allows
 
 
+def stored_settings(path):
+    """(train_config, model_config) dicts a checkpoint was trained with, read without
+    loading its tensors; None when there is no readable checkpoint at path (resuming from it
+    then fails with the error that names it) or it predates stored training settings."""
+    if not os.path.isfile(path) or torch_version() < SAFE_TORCH:
+        return None
+    try:
+        # mmap: only the small entries are read, however big the model
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(checkpoint, dict) or "train_config" not in checkpoint or "model_config" not in checkpoint:
+        return None
+    return checkpoint["train_config"], checkpoint["model_config"]
+
+
 def check_resumable(checkpoint, path, config):
     """Refuse, naming the flag, a resume that cannot go on from this checkpoint."""
     if "optimizer" not in checkpoint:

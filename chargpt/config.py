@@ -134,6 +134,13 @@ def parse(argv, configs, usage, config_file=True):
     return [dataclasses.replace(c, **u) for c, u in zip(configs, updates)], config_path
 
 
+def with_values(config, values):
+    """config with the settable fields that values (a stored config's dict) names set from it;
+    keys it does not know (a setting of an older or newer version) are left out."""
+    known = _fields(config)
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if k in known})
+
+
 def check_choice(key, value, allowed):
     """A ValueError naming the flag when value is not one of allowed."""
     if value not in allowed:
@@ -163,7 +170,10 @@ class TrainConfig:
     out_dir: str = knob("out", "where checkpoints, config.json and samples.txt go")
     dataset: str = knob("shakespeare_char", "read data_dir/DATASET/{train.bin,val.bin,meta.json}")
     data_dir: str = knob("data", "folder holding the prepared datasets")
-    init_from: str = knob("scratch", "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt")
+    init_from: str = knob(
+        "scratch",
+        "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt with the settings it was trained with (a config file and flags override them)",
+    )
     overwrite: bool = knob(
         False,
         "let a new run (init_from=scratch) start in an out_dir that holds a trained model, deleting its checkpoints; without it that run is refused",

@@ -19,6 +19,7 @@ the project's file handling.
 import fcntl
 import json
 import os
+import shlex
 import socket
 
 import torch
@@ -43,7 +44,7 @@ def refuse_if_trained(out_dir):
     found = [os.path.join(out_dir, name) for name in CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
     if not found:
         return
-    ways = "continue it with --init_from=resume, " if os.path.basename(found[0]) == "ckpt.pt" else ""
+    ways = f"continue it with: {resume_command(out_dir)}; or " if os.path.basename(found[0]) == "ckpt.pt" else ""
     raise ValueError(
         f"--out_dir {out_dir} already holds a trained model ({_describe(found[0])}); "
         f"{ways}train into another --out_dir, or pass --overwrite=True to start afresh there"
@@ -192,6 +193,13 @@ def claim_for(config, ddp):
             error = e
     ddp.agree(error)
     return lock
+
+
+def resume_command(out_dir, *flags, world_size=1):
+    """The whole command that continues the run in out_dir: its settings come from the
+    checkpoint there (train.py's read_settings), so only flags that change them are added."""
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+    return " ".join([launcher, "train.py", shlex.quote(f"--out_dir={out_dir}"), "--init_from=resume", *flags])
 
 
 def write_run_config(out_dir, resolved):

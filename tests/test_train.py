@@ -286,3 +286,47 @@ def test_files_a_run_writes_get_the_users_permissions(data_dir, tmp_path):
     written += [tmp_path / "o" / n for n in ("ckpt.pt", "best.pt", "loss.png", "config.json", "metrics.jsonl", "samples.txt")]
     for path in written:
         assert oct(path.stat().st_mode & 0o777) == oct(0o640), path
+
+
+def test_ctrl_c_prints_a_command_that_resumes_from_the_folder_alone(data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 7 prints the whole command that continues the run; run as printed, with
+    nothing repeated (no config file, no model or optimizer flags), it takes the settings
+    from the checkpoint and ends with the weights of a run that was never stopped."""
+    import shlex
+
+    kw = dict(optimizer="muon", dropout=0.1, eval_interval=10, max_iters=30, sample_chars=0, eval_sample_chars=0)
+    train.main(tiny_flags(data_dir, tmp_path / "a", **kw))
+    logged = train.log_step
+
+    def ctrl_c_at_step_7(run, loss, lr):
+        logged(run, loss, lr)
+        if run.iter_num == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the loop saves at the next step boundary
+
+    monkeypatch.setattr(train, "log_step", ctrl_c_at_step_7)
+    assert train.main(tiny_flags(data_dir, tmp_path / "b", **kw)) == 128 + signal.SIGINT
+    monkeypatch.setattr(train, "log_step", logged)
+    said = capsys.readouterr().out
+    command = re.search(r"SIGINT: saved \S+ at step 7; continue with: (.*)", said).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train.py"] and argv[2:] == [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"]
+    assert train.main(argv[2:]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert b["iter_num"] == 30 and b["train_config"]["optimizer"] == "muon"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_resume_takes_the_runs_settings_and_flags_override_them(data_dir, tmp_path):
+    """The stored settings are the base of a resume: a flag still wins where a resume allows a
+    change (a longer max_iters), and is refused, naming it, where it does not (another shape)."""
+    train.main(tiny_flags(data_dir, tmp_path / "o", max_iters=10, eval_interval=5, sample_chars=0, overwrite=True))
+    out = f"--out_dir={tmp_path / 'o'}"
+    config, model_config = train.read_settings([out, "--init_from=resume", "--max_iters=16"])
+    assert (config.max_iters, config.eval_interval, config.batch_size, config.dataset) == (16, 5, 8, "tiny")
+    assert (model_config.n_embd, model_config.n_layer, config.overwrite) == (32, 2, False)
+    assert train.main([out, "--init_from=resume", "--max_iters=16"]) == 0
+    assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["iter_num"] == 16
+    with pytest.raises(ValueError, match="--n_embd=64 does not match n_embd=32"):
+        train.train(*train.read_settings([out, "--init_from=resume", "--max_iters=20", "--n_embd=64"]), log=lambda m: None)
