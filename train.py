@@ -344,7 +344,9 @@ def setup(config, model_config, ddp, device, log, live, t_start):
                           elapsed_before=elapsed_before, world_size=ddp.world_size)  # fmt: skip
     # each layer's activations, gradients and updates every health_interval steps, measured on rank 0
     interval = config.health_interval if ddp.master else 0
-    run.health = Health(run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1)
+    run.health = Health(
+        run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1, optimizer=run.optimizer
+    )
     run.t_loop = time.time()
     return run
 
