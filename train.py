@@ -27,6 +27,10 @@ whichever comes first; the learning rate schedule follows the nearer of the two
 building the model included, to the end of samples.txt. A budget run is not bit-for-bit
 reproducible: where it stops and its learning rates depend on the clock.
 
+Before its first eval a run times its first passes (forward and backward, then put back:
+the run is unchanged) and says in one line what the whole run will cost on this device;
+on a CPU, when that is more than half an hour, it names the small recipe to try first.
+
 Before it writes anything, a run claims out_dir (chargpt/rundir.py): it refuses a folder
 another run is training in, and a new run refuses a folder that holds a trained model
 unless --overwrite=True. It also refuses, with both figures, a run whose estimated memory
@@ -54,7 +58,7 @@ from chargpt.data import BatchSampler, load_dataset
 from chargpt.engine import sample_text
 from chargpt.health import Health
 from chargpt.memory import check_training_memory
-from chargpt.metrics import Reporter
+from chargpt.metrics import Reporter, format_duration
 from chargpt.optim import LossScaler, make_optimizer, train_step
 from chargpt.schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from model import GPTConfig, build_model
@@ -74,6 +78,8 @@ def train(config, model_config, log=print, live=None):
         if not ddp.master:
             log, live = (lambda msg: None), None
         run = setup(config, model_config, ddp, device, log, live, t_start)
+        if ddp.master:
+            say_the_cost(run, *time_a_step(run))
         summary = training_loop(run)
         if ddp.world_size > 1:
             # Leave together: a process already shutting down while a gloo worker thread still
@@ -200,6 +206,67 @@ def finish(run):
         run.report.log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
     run.report.done(run.iter_num, run.best_val_loss)  # the steps taken (or bought) and the time
     run.health.finish()  # health.png with every health step
+
+
+# -----------------------------------------------------------------------------
+# what the run will cost, said before its first (possibly long) eval
+
+clock = time.perf_counter  # a test slows it down
+COST_STEPS = 4  # passes timed at most (the first warms up and is not counted), ...
+COST_SECONDS = 1.0  # ... or two once they have taken this long
+SMALL_RECIPE = "python train.py config/shakespeare_char_cpu.py"  # the README's main job: 1,000 steps in seconds
+SUGGEST_SMALL = 30 * 60  # seconds of run on a CPU above which the line points at it
+
+
+def time_a_step(run):
+    """(seconds of a training step, of an eval batch): forward and backward of the first
+    batches, and a forward in eval mode, timed with the plain model. The random streams are
+    put back and the gradients dropped, so the run goes on exactly as without it."""
+    if run.threads is not None:
+        run.threads.adjust()  # the cores other programs leave free now, as the steps will have them
+    rng = ckpt.rng_state(run.batches)
+    times = []
+    t_begin = clock()
+    for _ in range(COST_STEPS):
+        x, y = run.batches.next(run.device)
+        t0 = clock()
+        with run.ctx:
+            _, loss = run.model(x, y)
+        loss.backward()
+        loss.item()  # waits for the device
+        t1 = clock()
+        run.model.eval()
+        with torch.no_grad(), run.ctx:
+            run.model(x, y)[1].item()
+        run.model.train()
+        times.append((t1 - t0, clock() - t1))
+        if len(times) >= 2 and clock() - t_begin > COST_SECONDS:
+            break
+    run.model.zero_grad(set_to_none=True)
+    ckpt.set_rng_state(rng, run.batches)
+    step, batch = (min(t) for t in zip(*times[1:]))  # the first pass warms up: allocations, caches
+    return step * run.config.gradient_accumulation_steps, batch
+
+
+def say_the_cost(run, step_seconds, batch_seconds):
+    """One line: how long the run will take here, from the timed step; and on a CPU, when
+    that is long, the small recipe to try first."""
+    config = run.config
+    steps = config.max_iters - run.start_iter
+    evals = steps // config.eval_interval + 1
+    total = steps * step_seconds + evals * 2 * config.eval_iters * batch_seconds
+    ends = ""
+    if config.time_budget and total > config.time_budget * 60:
+        bought = max(0, int((config.time_budget * 60 - evals * 2 * config.eval_iters * batch_seconds) / step_seconds))
+        ends = f"; the {config.time_budget:g}-minute budget ends it first, after about {min(bought, steps):,} of them"
+        total = config.time_budget * 60
+    small = ""
+    if run.device == "cpu" and total > SUGGEST_SMALL:
+        small = f". Something small first (a model in about a minute): {SMALL_RECIPE}"
+    run.report.log(
+        f"cost: about {format_duration(total)} here ({run.device}): {steps:,} steps of {step_seconds * 1000:,.0f} ms "
+        f"(the first ones, timed) and {evals} eval{'s' if evals > 1 else ''} of 2 x {config.eval_iters} batches{ends}{small}"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -477,8 +544,13 @@ def read_settings(argv):
     cannot change (the model's shape, the optimizer) is refused by the resume's checks."""
     usage = "train.py [CONFIG_FILE] [--key=value ...]"
     (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], usage)
-    stored = ckpt.stored_settings(os.path.join(config.out_dir, "ckpt.pt")) if config.init_from == "resume" else None
-    if stored is None:
+    if config.init_from != "resume":
+        return config, model_config
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):  # before the run claims (and so creates) the folder
+        raise FileNotFoundError(f"--init_from=resume: no checkpoint at {path}{rundir.missing_run_hint(config.out_dir)}")
+    stored = ckpt.stored_settings(path)
+    if stored is None:  # a checkpoint from before the settings were stored: the defaults, as then
         return config, model_config
     # the folder it is in now, and a resume never overwrites: whatever the first run said
     train_values = {**stored[0], "out_dir": config.out_dir, "overwrite": False}

@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chargpt.atomic import write_atomic
+from chargpt.rundir import missing_run_hint
 from chargpt.tokenizer import CharTokenizer
 from model import GPTConfig, build_model
 
@@ -83,12 +84,13 @@ def torch_version():
 def find_checkpoint(out_dir):
     """out_dir/best.pt if present, else out_dir/ckpt.pt; a clear error if neither exists."""
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out_dir {out_dir} does not exist (train a model first: python train.py ...)")
+        hint = missing_run_hint(out_dir) or " (train a model first: python train.py config/shakespeare_char_cpu.py)"
+        raise FileNotFoundError(f"--out_dir {out_dir} does not exist{hint}")
     for name in ("best.pt", "ckpt.pt"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"no checkpoint in {out_dir} (expected best.pt or ckpt.pt)")
+    raise FileNotFoundError(f"no checkpoint in {out_dir} (expected best.pt or ckpt.pt){missing_run_hint(out_dir)}")
 
 
 def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):

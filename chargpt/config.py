@@ -56,7 +56,7 @@ def convert(key, value, typ, from_text):
 def read_config_file(path):
     """The assignments of a config file as a dict, without running it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}{did_you_mean_file(path)}")
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
@@ -156,6 +156,22 @@ def did_you_mean(key, known):
         return f" (did you mean --{spelled}?)"
     close = difflib.get_close_matches(spelled, known, n=1, cutoff=0.7)
     return f" (did you mean --{close[0]}?)" if close else ""
+
+
+def did_you_mean_file(path):
+    """' (did you mean config/shakespeare_char_cpu.py?)' for the .py file closest to a
+    mistyped path, among those below its nearest folder that exists (two levels), or ''."""
+    folder = os.path.dirname(os.path.normpath(path))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    top, files = folder or ".", []
+    for root, dirs, names in os.walk(top):
+        inside = os.path.relpath(root, top)
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and inside.count(os.sep) < 1]
+        files += [os.path.normpath(os.path.join(inside, n)) for n in names if n.endswith(".py")]
+    # compared below the folder that exists: a long common prefix would make any file look close
+    close = difflib.get_close_matches(os.path.relpath(path, top), files, n=1, cutoff=0.7)
+    return f" (did you mean {os.path.join(folder, close[0])}?)" if close else ""
 
 
 # -----------------------------------------------------------------------------

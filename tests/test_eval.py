@@ -120,3 +120,13 @@ def test_eval_help_lists_every_option(capsys):
     assert code == 0
     for key in ("out_dir", "split", "dataset", "data_dir", "batch_size", "device"):
         assert re.search(rf"^  --{key}=\S*\s+\S", out, re.M), key
+
+
+def test_eval_without_out_dir_names_the_run_folders(tmp_path, monkeypatch, capsys):
+    (tmp_path / "out-cpu").mkdir()
+    (tmp_path / "out-cpu" / "best.pt").write_text("not read")
+    monkeypatch.chdir(tmp_path)
+    assert eval_py.main([]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "eval.py: error: --out_dir out does not exist; the run folders here: out-cpu (pass one with --out_dir)"
+    )

@@ -229,3 +229,19 @@ def test_a_busy_core_is_left_to_the_program_on_it(trained, capsys, monkeypatch):
 def test_a_negative_number_of_threads_is_an_error(trained, capsys):
     code, out, err = run_main(capsys, f"--out_dir={trained}", "--threads=-1")
     assert code == 1 and err == "sample.py: error: --threads must be 0 (automatic) or more, got -1"
+
+
+def test_without_out_dir_the_error_names_the_run_folders_there_are(tmp_path):
+    """`python sample.py` alone looks for out/; when only other run folders exist it names
+    them (one level down too), and a mistyped --out_dir gets the close one."""
+    for folder, name in (("out-cpu", "best.pt"), ("out-lecture/3_multi_head", "ckpt.pt"), ("notes", "x.txt")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / name).write_text("not read")
+    result = sample(cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "sample.py: error: --out_dir out does not exist; the run folders here: out-cpu, out-lecture/3_multi_head "
+        "(pass one with --out_dir)"
+    )
+    result = sample("--out_dir=out-cpy", cwd=tmp_path)
+    assert result.stderr.strip() == "sample.py: error: --out_dir out-cpy does not exist (did you mean --out_dir=out-cpu?)"

@@ -330,3 +330,37 @@ def test_a_resume_takes_the_runs_settings_and_flags_override_them(data_dir, tmp_
     assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["iter_num"] == 16
     with pytest.raises(ValueError, match="--n_embd=64 does not match n_embd=32"):
         train.train(*train.read_settings([out, "--init_from=resume", "--max_iters=20", "--n_embd=64"]), log=lambda m: None)
+
+
+def test_the_start_says_what_the_run_costs_and_a_long_cpu_run_points_at_the_small_recipe(data_dir, tmp_path, monkeypatch):
+    """With a clock slowed to 30 s between its readings, a step and an eval batch time at
+    30 s: 40 steps and 3 evals of 2 x 5 batches are 35 minutes, so the line says so and names
+    the CPU recipe; with the true clock the same run is quick and says nothing more."""
+    import itertools
+
+    _, log = run(data_dir, tmp_path / "quick", sample_chars=0)
+    cost = [line for line in log.splitlines() if line.startswith("cost: ")]
+    assert len(cost) == 1 and "40 steps of" in cost[0] and "3 evals of 2 x 5 batches" in cost[0]
+    assert "shakespeare_char_cpu" not in cost[0]
+    ticks = itertools.count(0.0, 30.0)
+    monkeypatch.setattr(train, "clock", lambda: next(ticks))
+    _, log = run(data_dir, tmp_path / "slow", sample_chars=0)
+    cost = next(line for line in log.splitlines() if line.startswith("cost: "))
+    assert cost.startswith("cost: about 35m00s here (cpu): 40 steps of 30,000 ms (the first ones, timed)"), cost
+    assert cost.endswith("Something small first (a model in about a minute): python train.py config/shakespeare_char_cpu.py")
+    # with a 10-minute budget the budget ends it first: (600 s - 3 evals of 300 s) buys no step at 30 s
+    _, log = run(data_dir, tmp_path / "budget", sample_chars=0, time_budget=10.0)
+    cost = next(line for line in log.splitlines() if line.startswith("cost: "))
+    assert cost.startswith("cost: about 10m00s here") and "the 10-minute budget ends it first, after about 0 of them" in cost
+
+
+def test_timing_the_first_steps_changes_nothing_in_the_run(data_dir, tmp_path, monkeypatch):
+    """The cost line's timed passes put the random streams back and drop their gradients:
+    the run ends with the weights of a run without them, bit for bit (dropout on)."""
+    kw = dict(dropout=0.1, max_iters=20, eval_interval=10, sample_chars=0)
+    run(data_dir, tmp_path / "timed", **kw)
+    monkeypatch.setattr(train, "time_a_step", lambda run: (0.001, 0.001))
+    run(data_dir, tmp_path / "untimed", **kw)
+    a = load_checkpoint(str(tmp_path / "timed" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "untimed" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
