@@ -93,6 +93,14 @@ def find_checkpoint(out_dir):
     raise FileNotFoundError(f"no checkpoint in {out_dir} (expected best.pt or ckpt.pt){missing_run_hint(out_dir)}")
 
 
+def describe(path, checkpoint, model):
+    """'out/best.pt: gpt, 112,193 parameters, step 1500, best val loss 1.7410': what was loaded."""
+    best = checkpoint.get("best_val_loss")
+    loss = f", best val loss {best:.4f}" if isinstance(best, float) and best != float("inf") else ""
+    kind = checkpoint["model_config"].get("model_type", "gpt")
+    return f"{path}: {kind}, {model.num_params():,} parameters, step {checkpoint['iter_num']}{loss}"
+
+
 def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
     """(model, tokenizer) rebuilt from the stored model config and vocabulary alone, in eval mode."""
     try:
