@@ -59,7 +59,7 @@ from chargpt.engine import sample_text
 from chargpt.health import Health
 from chargpt.memory import check_training_memory
 from chargpt.metrics import Reporter, format_duration
-from chargpt.optim import LossScaler, make_optimizer, train_step
+from chargpt.optim import LossScaler, backward, get_batches, make_optimizer, optimizer_step
 from chargpt.schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from model import GPTConfig, build_model
 
@@ -119,8 +119,15 @@ def training_loop(run):
 
             t_step = time.time()
             watch = run.health.watch(run.iter_num)  # at health steps only: hooks on the model for this step
-            step_model = watch.model if watch else run.step_model
-            loss = train_step(step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, run.scaler, watch)
+            model, optimizer = watch.model if watch else run.step_model, run.optimizer
+            # the lecture's step (chargpt/optim.py: what each name adds); zero_grad comes first,
+            # before the gradients of gradient_accumulation_steps micro-batches add up
+            optimizer.zero_grad(set_to_none=True)
+            for xb, yb in get_batches(run.batches, config, run.device, model, run.ddp):
+                with run.ctx:  # autocast in bfloat16 or float16, or nothing
+                    logits, loss = model(xb, yb)
+                loss = backward(loss, config, run.scaler)  # loss.backward()
+            optimizer_step(optimizer, model, config, run.scaler, watch)  # optimizer.step(), the gradient clipped
             run.health.record(watch)  # the step's activations, gradients and updates, and any warning
             run.iter_num += 1
             log_step(run, loss, lr)
