@@ -21,6 +21,13 @@ Ctrl-C or SIGTERM saves ckpt.pt, prints the command that continues the run and e
 out_dir/ckpt.pt (a config file or flags given with it override them: --max_iters=N for
 more steps; max_iters stays the total number of steps).
 
+Reproducible: the same command gives the same run, bit for bit, when the number of CPU
+threads is the same. --threads=0 (the default) trains on the cores other programs leave
+free, 1 or 2 of 2 from run to run, and another number of threads adds the float sums in
+another order: two runs then differ in the last digits and grow apart
+(config/shakespeare_char_cpu.py --max_iters=100: val loss 2.2335 with --threads=1, 2.2333
+with --threads=2). --threads=N fixes it: bit-identical runs, and resumes.
+
 A run stops at max_iters steps or, with --time_budget=MINUTES, when the budget is spent,
 whichever comes first; the learning rate schedule follows the nearer of the two
 (chargpt/schedule.py). The budget counts from the start of train(), loading the data and
@@ -495,7 +502,16 @@ def log_start(run, dtype, tokens_per_iter, data, log):
         if config.optimizer == "muon"
         else f"AdamW lr {config.learning_rate:g}"
     )
-    log(f"run: {length}; {lr}, {config.lr_schedule} schedule after {config.warmup_iters} warmup steps")
+    if config.min_lr == config.learning_rate and config.warmup_iters == 0:
+        schedule = "constant (min_lr = learning_rate, no warmup), as the lecture's loop"
+    else:
+        schedule = f"{config.lr_schedule} schedule after {config.warmup_iters} warmup steps"
+    log(f"run: {length}; {lr}, {schedule}")
+    # the two loss lines a run prints, which differ: say once what each is
+    log(
+        f"log: 'step N: train loss, val loss' is the estimate, the mean over eval_iters={config.eval_iters} batches of "
+        "each split; 'iter N: loss' is the loss of step N's batch alone, noisier"
+    )
 
 
 # the GPTConfig switches that change the architecture, named in the opening lines when not the default

@@ -244,7 +244,10 @@ class TrainConfig:
         "auto",
         "'auto' (from the hardware: a GPU of compute capability 8.0+ bfloat16 autocast and TF32, 7.x float16 autocast with loss scaling; MPS float32; a CPU with bf16 units bfloat16 where a timing of this model says so), float32, bfloat16 or float16",
     )
-    threads: int = knob(0, "CPU threads: 0 uses the cores other programs leave free, looked at again at each eval; N: exactly N")
+    threads: int = knob(
+        0,
+        "CPU threads: 0 uses the cores other programs leave free, looked at again at each eval; N: exactly N. Another number of threads sums floats in another order, so for bit-identical runs (and resumes) fix it: --threads=N",
+    )
     compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
 

@@ -364,3 +364,14 @@ def test_timing_the_first_steps_changes_nothing_in_the_run(data_dir, tmp_path, m
     a = load_checkpoint(str(tmp_path / "timed" / "ckpt.pt"))
     b = load_checkpoint(str(tmp_path / "untimed" / "ckpt.pt"))
     assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_opening_lines_name_a_constant_learning_rate_and_what_each_loss_line_is(data_dir, tmp_path):
+    """The lecture's stages keep the learning rate constant (min_lr = learning_rate, no
+    warmup): the log says so, not 'cosine schedule after 0 warmup steps'; and it says once
+    which loss line is the estimate and which one batch."""
+    _, log = run(data_dir, tmp_path / "c", max_iters=4, eval_interval=2, sample_chars=0, min_lr=3e-3, warmup_iters=0)
+    assert "AdamW lr 0.003, constant (min_lr = learning_rate, no warmup)" in log and "cosine" not in log
+    assert "log: 'step N: train loss, val loss' is the estimate, the mean over eval_iters=5 batches" in log
+    _, log = run(data_dir, tmp_path / "s", max_iters=4, eval_interval=2, sample_chars=0)
+    assert "cosine schedule after 5 warmup steps" in log
