@@ -6,8 +6,8 @@
     python eval.py --out_dir out-smoke --dataset=shakespeare_char --data_dir=data --device=cpu
     python eval.py --help
 
-train.py's estimate_loss is a quick estimate from eval_iters random batches; this is the
-full figure: every next character of the split scored once, in windows of block_size that
+train.py's estimate_loss is a quick estimate from eval_iters random batches (the printout
+says so beside training's figure, and why the two differ); this is the full figure: every next character of the split scored once, in windows of block_size that
 do not overlap (chargpt/evaluate.py says what that costs). Eval mode, float32, a fixed
 order: the same checkpoint gives the same number every time.
 
@@ -88,7 +88,26 @@ def main(argv=None):
     )
     how = f" through the KV-cache decoder in {config.decode_dtype}" if config.decode_dtype else ""
     print(f"{config.split} loss{how} {loss:.4f}, {loss / math.log(2):.4f} bits per character")
+    note = beside_training(checkpoint, config.split, n_tokens)
+    if note:
+        print(note)
     return 0
+
+
+def beside_training(checkpoint, split, n_tokens):
+    """Why training's val loss for this checkpoint is another number: an estimate from a
+    sample of random windows, where this scores every character once. None for the train
+    split, or when the checkpoint has no eval."""
+    best, trained = checkpoint.get("best_val_loss"), checkpoint.get("train_config", {})
+    if split != "val" or not isinstance(best, float) or best == float("inf") or "eval_iters" not in trained:
+        return None
+    block = checkpoint["model_config"]["block_size"]
+    sampled = trained["eval_iters"] * trained["batch_size"] * block
+    return (
+        f"training's best val loss, {best:.4f}, is an estimate: the mean over eval_iters={trained['eval_iters']} "
+        f"batches of {trained['batch_size']} random windows ({sampled:,} predictions, some twice, some never); "
+        f"this figure scores all {n_tokens:,} once, so the two differ (by more, the fewer the batches)"
+    )
 
 
 if __name__ == "__main__":

@@ -131,7 +131,12 @@ class Head(nn.Module):
 
 
 class MultiHeadAttention(nn.Module):
-    """n_head Heads side by side, computed together.
+    """The lecture's MultiHeadAttention: the same function as its
+    nn.ModuleList([Head(head_size) for _ in range(n_head)]) with the heads' outputs
+    concatenated (then projected), computed for all heads at once. heads() gives those Head
+    modules with this layer's weights, and test_multihead_attention_is_the_lectures_heads in
+    tests/test_model.py proves the two agree (the lecture's attention: no qk_norm or rotary
+    positions, which Head does not have).
 
     One Linear makes the queries, keys and values of every head (rows [0, C) are the
     queries, [C, 2C) the keys, [2C, 3C) the values; head h owns rows h*hs..(h+1)*hs of

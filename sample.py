@@ -10,7 +10,9 @@
 
 Loads out_dir/best.pt (the best val loss) if present, else out_dir/ckpt.pt, with
 torch.load(weights_only=True): the checkpoint alone rebuilds the model and its vocabulary.
-One sample streams to stdout character by character; several are generated in one batch.
+It says on stderr which checkpoint it loaded (its step and best val loss); one sample
+streams to stdout character by character, several are generated in one batch, and stdout
+holds the text alone.
 A generation too big for the memory there is (--num_samples x --max_new_tokens: the KV
 cache, the ids, the text) is refused before it starts, with both figures (chargpt/memory.py).
 
@@ -41,7 +43,7 @@ import warnings
 
 import torch
 
-from chargpt.checkpoint import find_checkpoint, load_checkpoint, model_from_checkpoint
+from chargpt.checkpoint import describe, find_checkpoint, load_checkpoint, model_from_checkpoint
 from chargpt.config import HelpRequested, SampleConfig, parse
 from chargpt.engine import generate_tokens
 from chargpt.lens import lens_table
@@ -100,9 +102,14 @@ def main(argv=None):
         # on a CPU, the cores other programs leave free: what they take is looked at from here to the first character
         threads = Threads(config.threads, log=lambda message: print(message, file=sys.stderr)) if device == "cpu" else None
         path = find_checkpoint(config.out_dir)
-        model, tokenizer = model_from_checkpoint(load_checkpoint(path, device), device, path)
+        checkpoint = load_checkpoint(path, device)
+        model, tokenizer = model_from_checkpoint(checkpoint, device, path)
+        loaded = describe(path, checkpoint, model)
+        del checkpoint
         if config.lens:
-            print("\n".join(lens_lines(model, tokenizer, config, path)))
+            lines = lens_lines(model, tokenizer, config, path)
+            print(loaded, file=sys.stderr)
+            print("\n".join(lines))
             return 0
         try:
             prompt_ids = tokenizer.encode(prompt)
@@ -117,6 +124,8 @@ def main(argv=None):
     except (ValueError, OSError) as e:
         print(f"sample.py: error: {e}", file=sys.stderr)
         return 1
+    # what the text comes from, on stderr once every check has passed: stdout is the text alone
+    print(loaded, file=sys.stderr)
     if threads is not None:
         threads.adjust(look=LOOK_SECONDS)
     print_samples(generate_tokens(model, prompt_ids, config), prompt, tokenizer, config.num_samples)
@@ -137,7 +146,8 @@ def write_attention(model, tokenizer, prompt_ids, png, path):
     draw_attention(maps, tokenizer.decode(shown), png)
     cut = " (the last block_size of the prompt)" if len(shown) < len(prompt_ids) else ""
     print(
-        f"wrote {png}: attention of {maps.shape[0]} layers x {maps.shape[1]} heads over {len(shown)} characters{cut}",
+        f"wrote {png}: attention of {plural(maps.shape[0], 'layer')} x {plural(maps.shape[1], 'head')} "
+        f"over {plural(len(shown), 'character')}{cut}",
         file=sys.stderr,
     )
 
@@ -156,6 +166,10 @@ def lens_lines(model, tokenizer, config, path):
             f"--lens_at={config.lens_at}: the text has {len(ids)} characters (0..{len(ids) - 1}, or -1 for the last)"
         )
     return lens_table(model, tokenizer, ids, config.lens_at % len(ids))
+
+
+def plural(n, word):
+    return f"{n} {word}{'' if n == 1 else 's'}"
 
 
 def print_samples(tokens, prompt, tokenizer, num_samples):

@@ -84,6 +84,7 @@ from chargpt.engine import generate_tokens, resolve_decode_dtype
 from chargpt.lens import analyse, check_heads_off, rank_heads, val_slice, val_split
 from chargpt.machine import Threads, resolve_device
 from chargpt.metrics import read_records
+from chargpt.rundir import missing_run_hint
 from chargpt.turns import Turns
 
 PAGE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "chargpt", "playground.html")
@@ -286,10 +287,10 @@ class Playground:
         if os.path.exists(config.out_dir) and not os.path.isdir(config.out_dir):
             raise ValueError(f"--out_dir {config.out_dir} is a file, not a folder")
         if not os.path.isdir(config.out_dir):  # a typo, most likely: a run creates its folder as it starts
-            raise FileNotFoundError(
-                f"--out_dir {config.out_dir} does not exist (train a model first, or start serve.py once "
-                "train.py has begun: python train.py ...)"
+            hint = missing_run_hint(config.out_dir) or (
+                " (train a model first, or start serve.py once train.py has begun: python train.py ...)"
             )
+            raise FileNotFoundError(f"--out_dir {config.out_dir} does not exist{hint}")
         self.metrics_path = os.path.join(config.out_dir, "metrics.jsonl")
         self.run_config_path = os.path.join(config.out_dir, "config.json")  # the run's settings (train.py)
         # the server's own facts; /api/info adds the checkpoint's

@@ -5,7 +5,7 @@
     python train.py config/shakespeare_char.py         # the lecture's quality: 2,600 steps, 13-15 minutes on 2 cores, into out/
     python train.py config/lecture/8_dropout_scaled.py # the lecture's exact model and recipe (a GPU)
     python train.py config/lecture/3_multi_head.py     # one stage of the lecture (see ladder.py)
-    python train.py config/shakespeare_char.py --init_from=resume   # continue out/ckpt.pt
+    python train.py --out_dir=out --init_from=resume   # continue out/ckpt.pt with the settings it was trained with
     python train.py config/shakespeare_char.py --max_iters=4500 --time_budget=35   # longer, a better model
     python train.py config/shakespeare_char_cpu.py --max_iters=20 --eval_interval=10 --out_dir=out-smoke --overwrite=True   # smoke run
     python train.py --help                             # every key, its default and meaning
@@ -16,14 +16,27 @@ then the config file, then --key=value flags. The run writes into out_dir: confi
 loss so far), metrics.jsonl and loss.png (chargpt/metrics.py), health.png (each layer's
 activations, gradients and update sizes every health_interval steps: chargpt/health.py)
 and, at the end, samples.txt.
-Ctrl-C or SIGTERM saves ckpt.pt and exits; --init_from=resume continues exactly where the
-run stopped, and max_iters stays the total number of steps.
+Ctrl-C or SIGTERM saves ckpt.pt, prints the command that continues the run and exits;
+--init_from=resume continues exactly where the run stopped, with the settings stored in
+out_dir/ckpt.pt (a config file or flags given with it override them: --max_iters=N for
+more steps; max_iters stays the total number of steps).
+
+Reproducible: the same command gives the same run, bit for bit, when the number of CPU
+threads is the same. --threads=0 (the default) trains on the cores other programs leave
+free, 1 or 2 of 2 from run to run, and another number of threads adds the float sums in
+another order: two runs then differ in the last digits and grow apart
+(config/shakespeare_char_cpu.py --max_iters=100: val loss 2.2335 with --threads=1, 2.2333
+with --threads=2). --threads=N fixes it: bit-identical runs, and resumes.
 
 A run stops at max_iters steps or, with --time_budget=MINUTES, when the budget is spent,
 whichever comes first; the learning rate schedule follows the nearer of the two
 (chargpt/schedule.py). The budget counts from the start of train(), loading the data and
 building the model included, to the end of samples.txt. A budget run is not bit-for-bit
 reproducible: where it stops and its learning rates depend on the clock.
+
+Before its first eval a run times its first passes (forward and backward, then put back:
+the run is unchanged) and says in one line what the whole run will cost on this device;
+on a CPU, when that is more than half an hour, it names the small recipe to try first.
 
 Before it writes anything, a run claims out_dir (chargpt/rundir.py): it refuses a folder
 another run is training in, and a new run refuses a folder that holds a trained model
@@ -47,13 +60,13 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 
 from chargpt import checkpoint as ckpt
 from chargpt import machine, rundir
-from chargpt.config import HelpRequested, TrainConfig, parse
+from chargpt.config import HelpRequested, TrainConfig, parse, with_values
 from chargpt.data import BatchSampler, load_dataset
 from chargpt.engine import sample_text
 from chargpt.health import Health
 from chargpt.memory import check_training_memory
-from chargpt.metrics import Reporter
-from chargpt.optim import LossScaler, make_optimizer, train_step
+from chargpt.metrics import Reporter, format_duration
+from chargpt.optim import LossScaler, backward, get_batches, make_optimizer, optimizer_step
 from chargpt.schedule import SAMPLE_PROBE_CHARS, RunProgress, get_lr
 from model import GPTConfig, build_model
 
@@ -72,6 +85,8 @@ def train(config, model_config, log=print, live=None):
         if not ddp.master:
             log, live = (lambda msg: None), None
         run = setup(config, model_config, ddp, device, log, live, t_start)
+        if ddp.master:
+            say_the_cost(run, *time_a_step(run))
         summary = training_loop(run)
         if ddp.world_size > 1:
             # Leave together: a process already shutting down while a gloo worker thread still
@@ -105,15 +120,21 @@ def training_loop(run):
                 break
             if stop.requested(run.ddp, run.device):
                 run.save(run.ckpt_path)
-                report.log(
-                    f"{stop.signal or 'stop'}: saved {run.ckpt_path} at step {run.iter_num}; continue with --init_from=resume"
-                )
+                command = rundir.resume_command(config.out_dir, world_size=run.ddp.world_size)
+                report.log(f"{stop.signal or 'stop'}: saved {run.ckpt_path} at step {run.iter_num}; continue with: {command}")
                 return {"iter_num": run.iter_num, "best_val_loss": run.best_val_loss, "stopped": stop.signal or "SIGTERM"}
 
             t_step = time.time()
             watch = run.health.watch(run.iter_num)  # at health steps only: hooks on the model for this step
-            step_model = watch.model if watch else run.step_model
-            loss = train_step(step_model, run.optimizer, run.batches, config, run.ctx, run.device, run.ddp, run.scaler, watch)
+            model, optimizer = watch.model if watch else run.step_model, run.optimizer
+            # the lecture's step (chargpt/optim.py: what each name adds); zero_grad comes first,
+            # before the gradients of gradient_accumulation_steps micro-batches add up
+            optimizer.zero_grad(set_to_none=True)
+            for xb, yb in get_batches(run.batches, config, run.device, model, run.ddp):
+                with run.ctx:  # autocast in bfloat16 or float16, or nothing
+                    logits, loss = model(xb, yb)
+                loss = backward(loss, config, run.scaler)  # loss.backward()
+            optimizer_step(optimizer, model, config, run.scaler, watch)  # optimizer.step(), the gradient clipped
             run.health.record(watch)  # the step's activations, gradients and updates, and any warning
             run.iter_num += 1
             log_step(run, loss, lr)
@@ -199,6 +220,67 @@ def finish(run):
         run.report.log(f"sample (also in {config.out_dir}/samples.txt):\n{text}")
     run.report.done(run.iter_num, run.best_val_loss)  # the steps taken (or bought) and the time
     run.health.finish()  # health.png with every health step
+
+
+# -----------------------------------------------------------------------------
+# what the run will cost, said before its first (possibly long) eval
+
+clock = time.perf_counter  # a test slows it down
+COST_STEPS = 4  # passes timed at most (the first warms up and is not counted), ...
+COST_SECONDS = 1.0  # ... or two once they have taken this long
+SMALL_RECIPE = "python train.py config/shakespeare_char_cpu.py"  # the README's main job: 1,000 steps in seconds
+SUGGEST_SMALL = 30 * 60  # seconds of run on a CPU above which the line points at it
+
+
+def time_a_step(run):
+    """(seconds of a training step, of an eval batch): forward and backward of the first
+    batches, and a forward in eval mode, timed with the plain model. The random streams are
+    put back and the gradients dropped, so the run goes on exactly as without it."""
+    if run.threads is not None:
+        run.threads.adjust()  # the cores other programs leave free now, as the steps will have them
+    rng = ckpt.rng_state(run.batches)
+    times = []
+    t_begin = clock()
+    for _ in range(COST_STEPS):
+        x, y = run.batches.next(run.device)
+        t0 = clock()
+        with run.ctx:
+            _, loss = run.model(x, y)
+        loss.backward()
+        loss.item()  # waits for the device
+        t1 = clock()
+        run.model.eval()
+        with torch.no_grad(), run.ctx:
+            run.model(x, y)[1].item()
+        run.model.train()
+        times.append((t1 - t0, clock() - t1))
+        if len(times) >= 2 and clock() - t_begin > COST_SECONDS:
+            break
+    run.model.zero_grad(set_to_none=True)
+    ckpt.set_rng_state(rng, run.batches)
+    step, batch = (min(t) for t in zip(*times[1:]))  # the first pass warms up: allocations, caches
+    return step * run.config.gradient_accumulation_steps, batch
+
+
+def say_the_cost(run, step_seconds, batch_seconds):
+    """One line: how long the run will take here, from the timed step; and on a CPU, when
+    that is long, the small recipe to try first."""
+    config = run.config
+    steps = config.max_iters - run.start_iter
+    evals = steps // config.eval_interval + 1
+    total = steps * step_seconds + evals * 2 * config.eval_iters * batch_seconds
+    ends = ""
+    if config.time_budget and total > config.time_budget * 60:
+        bought = max(0, int((config.time_budget * 60 - evals * 2 * config.eval_iters * batch_seconds) / step_seconds))
+        ends = f"; the {config.time_budget:g}-minute budget ends it first, after about {min(bought, steps):,} of them"
+        total = config.time_budget * 60
+    small = ""
+    if run.device == "cpu" and total > SUGGEST_SMALL:
+        small = f". Something small first (a model in about a minute): {SMALL_RECIPE}"
+    run.report.log(
+        f"cost: about {format_duration(total)} here ({run.device}): {steps:,} steps of {step_seconds * 1000:,.0f} ms "
+        f"(the first ones, timed) and {evals} eval{'s' if evals > 1 else ''} of 2 x {config.eval_iters} batches{ends}{small}"
+    )
 
 
 # -----------------------------------------------------------------------------
@@ -340,10 +422,12 @@ def setup(config, model_config, ddp, device, log, live, t_start):
     resumed = config.init_from == "resume"
     run.report = Reporter(config.out_dir, log, live, run.start_iter, config.max_iters, tokens_per_iter, resumed,
                           write_files=ddp.master, time_budget=run.progress.budget, t_start=t_start,
-                          elapsed_before=elapsed_before)  # fmt: skip
+                          elapsed_before=elapsed_before, world_size=ddp.world_size)  # fmt: skip
     # each layer's activations, gradients and updates every health_interval steps, measured on rank 0
     interval = config.health_interval if ddp.master else 0
-    run.health = Health(run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1)
+    run.health = Health(
+        run.model, interval, run.report, run.step_model, config.compile, ddp.world_size > 1, optimizer=run.optimizer
+    )
     run.t_loop = time.time()
     return run
 
@@ -418,7 +502,16 @@ def log_start(run, dtype, tokens_per_iter, data, log):
         if config.optimizer == "muon"
         else f"AdamW lr {config.learning_rate:g}"
     )
-    log(f"run: {length}; {lr}, {config.lr_schedule} schedule after {config.warmup_iters} warmup steps")
+    if config.min_lr == config.learning_rate and config.warmup_iters == 0:
+        schedule = "constant (min_lr = learning_rate, no warmup), as the lecture's loop"
+    else:
+        schedule = f"{config.lr_schedule} schedule after {config.warmup_iters} warmup steps"
+    log(f"run: {length}; {lr}, {schedule}")
+    # the two loss lines a run prints, which differ: say once what each is
+    log(
+        f"log: 'step N: train loss, val loss' is the estimate, the mean over eval_iters={config.eval_iters} batches of "
+        "each split; 'iter N: loss' is the loss of step N's batch alone, noisier"
+    )
 
 
 # the GPTConfig switches that change the architecture, named in the opening lines when not the default
@@ -466,10 +559,33 @@ class StopRequested:
             signal.signal(s, handler)
 
 
+def read_settings(argv):
+    """(TrainConfig, GPTConfig): the defaults, then the config file, then the flags. A resume
+    starts from the settings its checkpoint was trained with instead of the defaults, so that
+    `--out_dir=DIR --init_from=resume` alone continues the run as it was; a config file and
+    flags still override them (a longer --max_iters, another --time_budget), and one that
+    cannot change (the model's shape, the optimizer) is refused by the resume's checks."""
+    usage = "train.py [CONFIG_FILE] [--key=value ...]"
+    (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], usage)
+    if config.init_from != "resume":
+        return config, model_config
+    path = os.path.join(config.out_dir, "ckpt.pt")
+    if not os.path.isfile(path):  # before the run claims (and so creates) the folder
+        raise FileNotFoundError(f"--init_from=resume: no checkpoint at {path}{rundir.missing_run_hint(config.out_dir)}")
+    stored = ckpt.stored_settings(path)
+    if stored is None:  # a checkpoint from before the settings were stored: the defaults, as then
+        return config, model_config
+    # the folder it is in now, and a resume never overwrites: whatever the first run said
+    train_values = {**stored[0], "out_dir": config.out_dir, "overwrite": False}
+    base = [with_values(TrainConfig(), train_values), with_values(GPTConfig(), stored[1])]
+    (config, model_config), _ = parse(argv, base, usage)
+    return config, model_config
+
+
 def main(argv=None):
     argv = sys.argv[1:] if argv is None else argv
     try:
-        (config, model_config), _ = parse(argv, [TrainConfig(), GPTConfig()], "train.py [CONFIG_FILE] [--key=value ...]")
+        config, model_config = read_settings(argv)
         live = sys.stdout if sys.stdout.isatty() else None
         summary = train(config, model_config, log=lambda msg: print(msg, flush=True), live=live)
     except HelpRequested as e:

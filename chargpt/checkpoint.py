@@ -33,6 +33,7 @@ import numpy as np
 import torch
 
 from chargpt.atomic import write_atomic
+from chargpt.rundir import missing_run_hint
 from chargpt.tokenizer import CharTokenizer
 from model import GPTConfig, build_model
 
@@ -83,12 +84,21 @@ def torch_version():
 def find_checkpoint(out_dir):
     """out_dir/best.pt if present, else out_dir/ckpt.pt; a clear error if neither exists."""
     if not os.path.isdir(out_dir):
-        raise FileNotFoundError(f"--out_dir {out_dir} does not exist (train a model first: python train.py ...)")
+        hint = missing_run_hint(out_dir) or " (train a model first: python train.py config/shakespeare_char_cpu.py)"
+        raise FileNotFoundError(f"--out_dir {out_dir} does not exist{hint}")
     for name in ("best.pt", "ckpt.pt"):
         path = os.path.join(out_dir, name)
         if os.path.isfile(path):
             return path
-    raise FileNotFoundError(f"no checkpoint in {out_dir} (expected best.pt or ckpt.pt)")
+    raise FileNotFoundError(f"no checkpoint in {out_dir} (expected best.pt or ckpt.pt){missing_run_hint(out_dir)}")
+
+
+def describe(path, checkpoint, model):
+    """'out/best.pt: gpt, 112,193 parameters, step 1500, best val loss 1.7410': what was loaded."""
+    best = checkpoint.get("best_val_loss")
+    loss = f", best val loss {best:.4f}" if isinstance(best, float) and best != float("inf") else ""
+    kind = checkpoint["model_config"].get("model_type", "gpt")
+    return f"{path}: {kind}, {model.num_params():,} parameters, step {checkpoint['iter_num']}{loss}"
 
 
 def model_from_checkpoint(checkpoint, device="cpu", path="the checkpoint"):
@@ -154,6 +164,22 @@ def set_rng_state(state, batch_sampler):
 
 # -----------------------------------------------------------------------------
 # resuming: what a checkpoint allows
+
+
+def stored_settings(path):
+    """(train_config, model_config) dicts a checkpoint was trained with, read without
+    loading its tensors; None when there is no readable checkpoint at path (resuming from it
+    then fails with the error that names it) or it predates stored training settings."""
+    if not os.path.isfile(path) or torch_version() < SAFE_TORCH:
+        return None
+    try:
+        # mmap: only the small entries are read, however big the model
+        checkpoint = torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except Exception:
+        return None
+    if not isinstance(checkpoint, dict) or "train_config" not in checkpoint or "model_config" not in checkpoint:
+        return None
+    return checkpoint["train_config"], checkpoint["model_config"]
 
 
 def check_resumable(checkpoint, path, config):

@@ -56,7 +56,7 @@ def convert(key, value, typ, from_text):
 def read_config_file(path):
     """The assignments of a config file as a dict, without running it."""
     if not os.path.isfile(path):
-        raise FileNotFoundError(f"config file not found: {path}")
+        raise FileNotFoundError(f"config file not found: {path}{did_you_mean_file(path)}")
     with open(path, encoding="utf-8") as f:
         source = f.read()
     try:
@@ -134,6 +134,13 @@ def parse(argv, configs, usage, config_file=True):
     return [dataclasses.replace(c, **u) for c, u in zip(configs, updates)], config_path
 
 
+def with_values(config, values):
+    """config with the settable fields that values (a stored config's dict) names set from it;
+    keys it does not know (a setting of an older or newer version) are left out."""
+    known = _fields(config)
+    return dataclasses.replace(config, **{k: v for k, v in values.items() if k in known})
+
+
 def check_choice(key, value, allowed):
     """A ValueError naming the flag when value is not one of allowed."""
     if value not in allowed:
@@ -151,6 +158,22 @@ def did_you_mean(key, known):
     return f" (did you mean --{close[0]}?)" if close else ""
 
 
+def did_you_mean_file(path):
+    """' (did you mean config/shakespeare_char_cpu.py?)' for the .py file closest to a
+    mistyped path, among those below its nearest folder that exists (two levels), or ''."""
+    folder = os.path.dirname(os.path.normpath(path))
+    while folder and not os.path.isdir(folder):
+        folder = os.path.dirname(folder)
+    top, files = folder or ".", []
+    for root, dirs, names in os.walk(top):
+        inside = os.path.relpath(root, top)
+        dirs[:] = [d for d in sorted(dirs) if not d.startswith(".") and inside.count(os.sep) < 1]
+        files += [os.path.normpath(os.path.join(inside, n)) for n in names if n.endswith(".py")]
+    # compared below the folder that exists: a long common prefix would make any file look close
+    close = difflib.get_close_matches(os.path.relpath(path, top), files, n=1, cutoff=0.7)
+    return f" (did you mean {os.path.join(folder, close[0])}?)" if close else ""
+
+
 # -----------------------------------------------------------------------------
 # the settings shared by several commands
 
@@ -163,7 +186,10 @@ class TrainConfig:
     out_dir: str = knob("out", "where checkpoints, config.json and samples.txt go")
     dataset: str = knob("shakespeare_char", "read data_dir/DATASET/{train.bin,val.bin,meta.json}")
     data_dir: str = knob("data", "folder holding the prepared datasets")
-    init_from: str = knob("scratch", "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt")
+    init_from: str = knob(
+        "scratch",
+        "'scratch' for a new model, 'resume' to continue out_dir/ckpt.pt with the settings it was trained with (a config file and flags override them)",
+    )
     overwrite: bool = knob(
         False,
         "let a new run (init_from=scratch) start in an out_dir that holds a trained model, deleting its checkpoints; without it that run is refused",
@@ -218,7 +244,10 @@ class TrainConfig:
         "auto",
         "'auto' (from the hardware: a GPU of compute capability 8.0+ bfloat16 autocast and TF32, 7.x float16 autocast with loss scaling; MPS float32; a CPU with bf16 units bfloat16 where a timing of this model says so), float32, bfloat16 or float16",
     )
-    threads: int = knob(0, "CPU threads: 0 uses the cores other programs leave free, looked at again at each eval; N: exactly N")
+    threads: int = knob(
+        0,
+        "CPU threads: 0 uses the cores other programs leave free, looked at again at each eval; N: exactly N. Another number of threads sums floats in another order, so for bit-identical runs (and resumes) fix it: --threads=N",
+    )
     compile: bool = knob(False, "torch.compile the model: a slow first step; pays on GPUs, not on small CPUs (see README)")
     seed: int = knob(1337, "seed of the weights, the batches and dropout")
 

@@ -23,9 +23,24 @@ a health step measures, for the embeddings, each Block and lm_head (the "layers"
 (with several micro-steps, of the last micro-batch; the attention of its first
 ATTENTION_SEQUENCES sequences) and for each weight matrix (2-D parameter): its gradient's std and norm as backward left
 them (before clipping; with several micro-steps, their sum), and the update-to-data ratio
-log10(std(update) / std(weight)), the update being what optimizer.step changed. The
-makemore lecture's rule of thumb is about -3: much lower and the matrix hardly learns,
-much higher and the steps are too big for it.
+log10(std(update) / std(weight)), the update being what optimizer.step changed, with the
+learning rate it was taken at and whether it was Muon's ("muon", "lr").
+
+What ratio to expect depends on the update. The makemore lecture's rule of thumb, about -3,
+is for updates whose size follows the gradient's (its SGD, and AdamW's, whose step per entry
+is up to lr): much lower and the matrix hardly learns, much higher and the steps are too
+big for it; it is a check of the learning rate. Muon's update (chargpt/muon.py) has a fixed
+size: the orthogonalized matrix has every singular value about 1, so its entries have an
+rms of 1/sqrt(max(rows, cols)), and scaled by sqrt(max(1, rows/cols)) it is lr/sqrt(cols)
+an entry (cols = fan_in), whatever the gradient. Its ratio is therefore
+log10(lr / (sqrt(fan_in) * std(weight))) by construction, which measures 0.03-0.08 below
+that (the Newton-Schulz iteration leaves the singular values a little under 1 on average;
+docs/results.md). For a weight of the natural scale std 1/sqrt(fan_in) that is log10(lr):
+-2 at the CPU recipe's muon_lr 0.01, so a Muon matrix sits around -2 and falls with the
+schedule, higher while its weights are still smaller than that scale (the init's 0.02).
+health.png draws each optimizer's reference: -3 for AdamW's matrices, log10(lr) along the
+schedule for Muon's. A Muon matrix far above its line has weights much smaller than its
+steps (weight decay too strong?); its lr, not the gradient, sets where it sits.
 
 Nothing is measured between health steps: the hooks are registered for that one step and
 removed after it, so a run with --health_interval=0 is bit-for-bit the run without this
@@ -47,7 +62,7 @@ one line each, once per run, and a {"type": "warning", "iter", "kind", "message"
     overfitting the val loss rising while the train loss falls
 health.png (draw) shows the makemore pictures from the records: a histogram of the
 activations and of the gradient per layer at the latest health step, the update-to-data
-ratio of each matrix over the run with the -3 guide line, and the attention entropy of
+ratio of each matrix over the run with its optimizer's reference line, and the attention entropy of
 each head. Drawing it takes a few tenths of a second, so it is redrawn at an eval at most
 every REDRAW_SECONDS (when there are new health records), and at the end of the run, after
 its last line (a time budget does not count it).
@@ -84,9 +99,12 @@ def sig(x, digits=4):
 class Health:
     """Health steps every interval steps (0: never), written through report (a Reporter)."""
 
-    def __init__(self, model, interval, report=None, step_model=None, compiled=False, distributed=False, log=print):
-        """model: the plain module; step_model: what a step runs (compiled, in DDP), default model."""
-        self.model, self.interval, self.report = model, interval, report
+    def __init__(
+        self, model, interval, report=None, step_model=None, compiled=False, distributed=False, log=print, optimizer=None
+    ):
+        """model: the plain module; step_model: what a step runs (compiled, in DDP), default model;
+        optimizer: whose param groups say which matrices take Muon's update, and at what lr."""
+        self.model, self.interval, self.report, self.optimizer = model, interval, report, optimizer
         self.step_model = model if step_model is None else step_model
         self.compiled, self.distributed = compiled, distributed
         self.log = report.log if report is not None else log
@@ -105,7 +123,7 @@ class Health:
         # instead (the same function); with DDP as well, the weights alone are measured
         plain = self.compiled and not self.distributed
         step_model = self.model if plain else self.step_model
-        return Watch(self.model, iter_num, step_model, activations=not self.compiled or plain)
+        return Watch(self.model, iter_num, step_model, activations=not self.compiled or plain, optimizer=self.optimizer)
 
     def record(self, watch):
         """After a health step: its figures into metrics.jsonl, and the warnings they call
@@ -260,8 +278,8 @@ class Watch:
     """The hooks of one health step on the plain module, and what they saw. model is the
     module to step with (the plain one, or what wraps it)."""
 
-    def __init__(self, model, iter_num, step_model=None, activations=True):
-        self.plain, self.iter_num = model, iter_num
+    def __init__(self, model, iter_num, step_model=None, activations=True, optimizer=None):
+        self.plain, self.iter_num, self.optimizer = model, iter_num, optimizer
         self.model = model if step_model is None else step_model
         self.handles, self.seen, self.nonfinite_layer = [], {}, None
         self.matrices = [(name, p) for name, p in model.named_parameters() if p.dim() >= 2 and p.requires_grad]
@@ -372,7 +390,9 @@ class Watch:
                 }
             )
         matrices = []
-        for (name, _), grad, ratio in zip(self.matrices, self.grad_stats, self.ratios):
+        groups = {id(p): group for group in getattr(self.optimizer, "param_groups", []) for p in group["params"]}
+        for (name, p), grad, ratio in zip(self.matrices, self.grad_stats, self.ratios):
+            group = groups.get(id(p), {})
             grad = None if grad is None else grad.tolist()
             update, data = ratio.tolist()
             matrices.append(
@@ -383,6 +403,9 @@ class Watch:
                     "grad_norm": None if grad is None else sig(grad[1]),
                     "data_std": sig(data),
                     "update": round(math.log10(update / data), 3) if update > 0 and data > 0 else None,
+                    # which update it took, at what learning rate: the reference its ratio is read against
+                    "muon": bool(group.get("muon", False)),
+                    "lr": sig(group["lr"]) if "lr" in group else None,
                 }
             )
         entropy = [seen[name]["entropy"] for name in seen if "entropy" in seen[name]]
@@ -508,9 +531,12 @@ def histogram(ax, hist, colour, label):
 
 
 def draw_ratios(ax, health, colours):
-    """log10 of update std / weight std of each matrix over the run, the -3 guide line."""
+    """log10 of update std / weight std of each matrix over the run, with the reference of the
+    update it takes: -3 (makemore's rule) for AdamW's, log10(lr) for Muon's (the module docstring says why)."""
     steps = [r["iter"] for r in health]
     names = [m["name"] for m in health[-1]["matrices"]]
+    muon = {m["name"] for m in health[-1]["matrices"] if m.get("muon")}
+    mixed = 0 < len(muon) < len(names)
     labelled = set()
     for name in names:
         values = []
@@ -519,13 +545,21 @@ def draw_ratios(ax, health, colours):
             values.append(float("nan") if found is None or found["update"] is None else found["update"])
         layer = layer_of(name)
         colour = colours.get(layer, colours.get("logits", "gray"))
-        ax.plot(steps, values, color=colour, lw=1, alpha=0.85, label=None if layer in labelled else layer)
-        labelled.add(layer)
-    ax.axhline(-3, color="black", ls="--", lw=1, label="-3: the makemore rule of thumb")
+        label = f"{layer} ({'Muon' if name in muon else 'AdamW'})" if mixed else layer
+        ax.plot(steps, values, color=colour, lw=1, alpha=0.85, label=None if label in labelled else label)
+        labelled.add(label)
+    if len(muon) < len(names):
+        ax.axhline(-3, color="black", ls="--", lw=1, label="AdamW: -3, the makemore rule of thumb")
+    if muon:
+        # the learning rate of a Muon matrix at each health step (it follows the schedule)
+        lrs = [next((m.get("lr") for m in r["matrices"] if m["name"] in muon), None) for r in health]
+        line = [math.log10(lr) if lr else float("nan") for lr in lrs]
+        label = "Muon: log10(lr), its fixed-size step on a weight of std 1/sqrt(fan_in)"
+        ax.plot(steps, line, color="tab:red", ls="--", lw=1.2, label=label)
     ax.set_title("update / data ratio of each weight matrix: log10(std of the step's update / std of the weight)", fontsize=10)
     ax.set_xlabel("iteration")
     ax.set_ylabel("log10 ratio")
-    ax.legend(fontsize=7, loc="upper right", ncol=2)
+    ax.legend(fontsize=7, loc="best", ncol=2)
     ax.grid(alpha=0.3)
 
 

@@ -37,6 +37,7 @@ import os
 import time
 
 from chargpt.atomic import write_atomic
+from chargpt.rundir import resume_command
 
 LIVE_UPDATE_SECONDS = 0.2  # how often the terminal line is redrawn, at most
 PLOT_SECONDS = 10.0
@@ -164,6 +165,7 @@ class Reporter:
         time_budget=0.0,
         t_start=None,
         elapsed_before=None,
+        world_size=1,
     ):
         """time_budget: seconds, for a run that stops when they are spent (0: a step run, which
         stops at max_iters); t_start: when the run's clock started (default: now);
@@ -172,6 +174,7 @@ class Reporter:
         self._log, self.live = log, live
         self.start_iter, self.max_iters, self.tokens_per_iter = start_iter, max_iters, tokens_per_iter
         self.time_budget = time_budget
+        self.out_dir, self.world_size = out_dir, world_size  # for the command that continues the run
         self.metrics_path = os.path.join(out_dir, "metrics.jsonl")
         self.plot_path = os.path.join(out_dir, "loss.png")
         self.title = os.path.basename(os.path.abspath(out_dir))
@@ -325,10 +328,11 @@ class Reporter:
         at = f" at {pace * 1000:,.0f} ms a step here" if pace else ""
         need = f" (about {format_duration(elapsed + pace * (self.max_iters - iter_num))} here)" if pace else ""
         more = max(minutes * 2, (elapsed + pace * (self.max_iters - iter_num)) / 60 * 1.1) if pace else minutes * 4
+        command = resume_command(self.out_dir, f"--time_budget={more:.2g}", world_size=self.world_size)
         return (
             f"note: the {minutes:g}-minute budget bought {iter_num:,} of the {self.max_iters:,} steps this run plans{at}, "
             f"so the model is undertrained (a busy or slow machine?): for all of them, --time_budget={more:.2g} "
-            f"or --time_budget=0{need}; --init_from=resume goes on from here"
+            f"or --time_budget=0{need}; to go on from here: {command}"
         )
 
     def __enter__(self):

@@ -4,10 +4,12 @@
     scaler = LossScaler(device_type, log) if dtype == "float16" else None
     loss = train_step(model, optimizer, batches, config, ctx, device, scaler=scaler)
 
-train_step is the lecture's forward, backward and step, with what a real run adds: the
-gradients of several micro-batches added up before one step (gradient_accumulation_steps),
-DDP's averaging over processes on the last of them only, the gradient norm clipped, and in
-float16 the loss scaled. bench.py times exactly this step.
+A step is the lecture's lines, get_batch, forward, zero_grad, backward, step, and train.py's
+loop spells them out with the names here, which hold what a real run adds: get_batches the
+gradients of several micro-batches added up before one step (gradient_accumulation_steps)
+and DDP's averaging over processes on the last of them only, backward float16's loss
+scaling, optimizer_step the clipping of the gradient norm, float16's skipped steps and the
+health watch. train_step is the same lines in one call; bench.py times exactly this step.
 
 Loss scaling: float16 holds numbers up to 65504, and gradients below about 6e-8 become 0
 (below 6e-5 they lose precision), so small gradients of a float16 backward vanish. The loss is
@@ -90,23 +92,33 @@ class LossScaler(torch.amp.GradScaler):
         super().load_state_dict(state_dict)
 
 
-def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, scaler=None, watch=None):
-    """One optimizer step over gradient_accumulation_steps micro-batches; returns the last
-    micro-batch's loss (divided by the number of micro-steps, not scaled), without a device
-    sync. With a scaler (float16) the step may be skipped: scaler.skipped counts those.
-    watch: at a health step, chargpt/health.py's Watch, which reads the gradients and the
-    weights on either side of the update."""
+def get_batches(batches, config, device, step_model, ddp=None):
+    """The lecture's get_batch('train') for one optimizer step: gradient_accumulation_steps
+    micro-batches (x, y), whose gradients add up. With DDP, the caller's forward and backward
+    of every micro-batch but the last run inside no_sync (this generator is paused inside it
+    while they do), so that the gradients are averaged over the processes once, on the last."""
     ddp = ddp or Distributed()
     for micro_step in range(config.gradient_accumulation_steps):
         x, y = batches.next(device)
-        # with DDP, gradients are averaged across processes on the last micro-step only
         last_micro = micro_step == config.gradient_accumulation_steps - 1
-        sync = contextlib.nullcontext() if ddp.world_size == 1 or last_micro else step_model.no_sync()
-        with sync:
-            with ctx:
-                _, loss = step_model(x, y)
-                loss = loss / config.gradient_accumulation_steps  # the mean over micro-steps
-            (loss if scaler is None else scaler.scale(loss)).backward()
+        with contextlib.nullcontext() if ddp.world_size == 1 or last_micro else step_model.no_sync():
+            yield x, y
+
+
+def backward(loss, config, scaler=None):
+    """The lecture's loss.backward(), of the mean over the micro-batches (each loss divided by
+    their number), and in float16 scaled up first (see the module docstring). Returns the
+    divided loss."""
+    loss = loss / config.gradient_accumulation_steps
+    (loss if scaler is None else scaler.scale(loss)).backward()
+    return loss
+
+
+def optimizer_step(optimizer, step_model, config, scaler=None, watch=None):
+    """The lecture's optimizer.step(), with what a real run adds around it: float16's
+    gradients unscaled, the health watch's look at the gradients and weights before and after
+    (at a health step), the gradient norm clipped, and a float16 step whose gradients
+    overflowed skipped (scaler.skipped counts those)."""
     if scaler is not None:
         scaler.unscale_(optimizer)  # the true gradients, before clipping measures them
     if watch is not None:  # the gradients as backward left them (unscaled), before clipping
@@ -120,5 +132,17 @@ def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, sc
         scaler.update()
     if watch is not None:
         watch.after_update()
+
+
+def train_step(step_model, optimizer, batches, config, ctx, device, ddp=None, scaler=None, watch=None):
+    """One optimizer step, as train.py's loop takes it: zero_grad, then forward and backward
+    of each micro-batch, then the step. Returns the last micro-batch's loss (divided by the
+    number of micro-steps, not scaled), without a device sync. watch: at a health step,
+    chargpt/health.py's Watch."""
     optimizer.zero_grad(set_to_none=True)
+    for x, y in get_batches(batches, config, device, step_model, ddp):
+        with ctx:
+            _, loss = step_model(x, y)
+        loss = backward(loss, config, scaler)
+    optimizer_step(optimizer, step_model, config, scaler, watch)
     return loss

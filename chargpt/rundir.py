@@ -16,9 +16,11 @@ metrics.jsonl, .tmp-*) are not worth protecting. A refused run leaves the folder
 the project's file handling.
 """
 
+import difflib
 import fcntl
 import json
 import os
+import shlex
 import socket
 
 import torch
@@ -43,7 +45,7 @@ def refuse_if_trained(out_dir):
     found = [os.path.join(out_dir, name) for name in CHECKPOINTS if os.path.isfile(os.path.join(out_dir, name))]
     if not found:
         return
-    ways = "continue it with --init_from=resume, " if os.path.basename(found[0]) == "ckpt.pt" else ""
+    ways = f"continue it with: {resume_command(out_dir)}; or " if os.path.basename(found[0]) == "ckpt.pt" else ""
     raise ValueError(
         f"--out_dir {out_dir} already holds a trained model ({_describe(found[0])}); "
         f"{ways}train into another --out_dir, or pass --overwrite=True to start afresh there"
@@ -192,6 +194,52 @@ def claim_for(config, ddp):
             error = e
     ddp.agree(error)
     return lock
+
+
+def run_folders(out_dir):
+    """The run folders (those holding ckpt.pt or best.pt) beside out_dir, and one level
+    below them (out-lecture/3_multi_head), spelled as out_dir is: relative stays relative."""
+    parent = os.path.dirname(os.path.normpath(out_dir))
+    found = []
+    try:
+        names = sorted(os.listdir(parent or "."))
+    except OSError:
+        return found
+    for name in names:
+        folder = os.path.join(parent, name)
+        if not os.path.isdir(folder) or name.startswith("."):
+            continue
+        try:
+            inner = sorted(os.path.join(folder, n) for n in os.listdir(folder))
+        except OSError:
+            continue
+        for candidate in [folder, *inner]:
+            if any(os.path.isfile(os.path.join(candidate, c)) for c in CHECKPOINTS):
+                found.append(candidate)
+    return found
+
+
+def missing_run_hint(out_dir):
+    """What to say after 'no run in out_dir': the close match of a mistyped folder, else the
+    run folders there are, else ''."""
+    folders = [f for f in run_folders(out_dir) if os.path.normpath(f) != os.path.normpath(out_dir)]
+    parent = os.path.dirname(os.path.normpath(out_dir))
+    # compared below their common folder: a long shared prefix would make any folder look close
+    below = {os.path.relpath(f, parent or "."): f for f in folders}
+    close = difflib.get_close_matches(os.path.relpath(os.path.normpath(out_dir), parent or "."), below, n=1, cutoff=0.8)
+    if close:
+        return f" (did you mean --out_dir={below[close[0]]}?)"
+    if folders:
+        listed = ", ".join(folders[:8]) + (f" and {len(folders) - 8} more" if len(folders) > 8 else "")
+        return f"; the run folders here: {listed} (pass one with --out_dir)"
+    return ""
+
+
+def resume_command(out_dir, *flags, world_size=1):
+    """The whole command that continues the run in out_dir: its settings come from the
+    checkpoint there (train.py's read_settings), so only flags that change them are added."""
+    launcher = "python" if world_size == 1 else f"torchrun --standalone --nproc_per_node={world_size}"
+    return " ".join([launcher, "train.py", shlex.quote(f"--out_dir={out_dir}"), "--init_from=resume", *flags])
 
 
 def write_run_config(out_dir, resolved):

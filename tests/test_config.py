@@ -117,3 +117,18 @@ def test_shipped_recipes_parse():
         train, model = run([path])
         train.validate()
         model.validate()
+
+
+def test_a_mistyped_config_path_gets_the_close_one(tmp_path):
+    (tmp_path / "config" / "lecture").mkdir(parents=True)
+    for name in ("shakespeare_char_cpu.py", "shakespeare_char.py", "lecture/3_multi_head.py"):
+        (tmp_path / "config" / name).write_text("n_layer = 1\n")
+    for typed, meant in (
+        ("config/shakespeare_char_cp.py", "config/shakespeare_char_cpu.py"),
+        ("config/lecture/3_multihead.py", "config/lecture/3_multi_head.py"),
+        ("confg/shakespeare_char_cpu.py", "config/shakespeare_char_cpu.py"),  # the folder mistyped
+    ):
+        with pytest.raises(FileNotFoundError, match=f"config file not found: .*{typed} \\(did you mean .*{meant}\\?\\)$"):
+            run([str(tmp_path / typed)])
+    with pytest.raises(FileNotFoundError, match=r"config file not found: \S+/config/nothing_like_it\.py$"):
+        run([str(tmp_path / "config" / "nothing_like_it.py")])

@@ -11,6 +11,7 @@ import torch.nn.functional as F
 
 import eval as eval_py
 import train
+from chargpt.checkpoint import load_checkpoint
 from chargpt.evaluate import evaluate
 from conftest import tiny_configs
 from prepare import prepare
@@ -45,11 +46,19 @@ def test_eval_is_deterministic_and_covers_the_split(trained, capsys):
     assert run_eval(capsys, f"--out_dir={trained / 'out'}", "--device=cpu")[1] == out
     code, out_train, _ = run_eval(capsys, *flags, "--split=train")
     assert code == 0 and "train.bin" in out_train and "train loss" in out_train
+    # beside training's estimate, why the two differ; the train split has no such figure
+    best = load_checkpoint(str(trained / "out" / "best.pt"))["best_val_loss"]
+    assert out.splitlines()[-1] == (
+        f"training's best val loss, {best:.4f}, is an estimate: the mean over eval_iters=5 batches of 8 random "
+        f"windows (640 predictions, some twice, some never); this figure scores all {len(val) - 1:,} once, "
+        "so the two differ (by more, the fewer the batches)"
+    )
+    assert "estimate" not in out_train
 
 
 @pytest.mark.parametrize("length", [50, 49, 17, 2])  # a short last window, none, one window, one target
 def test_eval_equals_a_hand_computation_over_windows(trained, length):
-    from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
+    from chargpt.checkpoint import model_from_checkpoint
 
     model, _ = model_from_checkpoint(load_checkpoint(str(trained / "out" / "ckpt.pt")))
     torch.manual_seed(0)
@@ -120,3 +129,13 @@ def test_eval_help_lists_every_option(capsys):
     assert code == 0
     for key in ("out_dir", "split", "dataset", "data_dir", "batch_size", "device"):
         assert re.search(rf"^  --{key}=\S*\s+\S", out, re.M), key
+
+
+def test_eval_without_out_dir_names_the_run_folders(tmp_path, monkeypatch, capsys):
+    (tmp_path / "out-cpu").mkdir()
+    (tmp_path / "out-cpu" / "best.pt").write_text("not read")
+    monkeypatch.chdir(tmp_path)
+    assert eval_py.main([]) == 1
+    assert capsys.readouterr().err.strip() == (
+        "eval.py: error: --out_dir out does not exist; the run folders here: out-cpu (pass one with --out_dir)"
+    )

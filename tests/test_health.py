@@ -46,7 +46,7 @@ def batch(vocab_size=20, B=8, T=16, seed=0):
 def health_step(model, optimizer=None, xy=None, lines=None):
     """One health step of plain SGD (no clipping) on one batch: (record, warning lines)."""
     lines = [] if lines is None else lines
-    health = Health(model, 1, log=lines.append)
+    health = Health(model, 1, log=lines.append, optimizer=optimizer)
     watch = health.watch(0)
     optimizer = optimizer or torch.optim.SGD(model.parameters(), lr=0.1)
     batches = FixedBatch(*(xy or batch(model.config.vocab_size)))
@@ -89,6 +89,37 @@ def test_the_update_to_data_ratio_of_plain_sgd_is_lr_times_gradient_over_weight(
         assert m["grad_norm"] == pytest.approx(grads[m["name"]][1], rel=1e-3)
     assert record["loss"] == pytest.approx(loss.item(), rel=1e-4)
     assert record["iter"] == 1  # the step from the weights of iteration 0, counted as a "train" record counts it
+
+
+def test_muons_ratio_is_its_fixed_step_size_over_the_weights_and_health_png_draws_its_line(tmp_path, monkeypatch):
+    """Muon's step is lr/sqrt(fan_in) an entry whatever the gradient, so its update-to-data
+    ratio is log10(lr / (sqrt(fan_in) * std(weight))) (a little below: Newton-Schulz leaves
+    the singular values under 1); the record says which matrices took Muon and at what lr,
+    and health.png draws log10(lr) for them beside AdamW's -3."""
+    from chargpt.optim import make_optimizer
+
+    model = tiny_gpt(init="pytorch")  # lm_head not zero: every matrix gets a gradient at the first step
+    settings = TrainConfig(optimizer="muon", muon_lr=0.02, learning_rate=3e-3, weight_decay=0.0)
+    optimizer = make_optimizer(model, settings, "cpu")
+    record, _ = health_step(model, optimizer)
+    shapes = dict((name, p.shape) for name, p in model.named_parameters())
+    muon = [m for m in record["matrices"] if m["muon"]]
+    assert {m["name"] for m in muon} == {n for n in shapes if n.startswith("blocks.") and len(shapes[n]) == 2}
+    assert all(m["lr"] == 3e-3 for m in record["matrices"] if not m["muon"])
+    for m in muon:
+        expected = math.log10(m["lr"] / (math.sqrt(shapes[m["name"]][1]) * m["data_std"]))
+        assert m["lr"] == 0.02 and expected - 0.15 < m["update"] < expected + 0.01, (m, expected)
+    drawn = []
+    from chargpt import health as health_module
+
+    original = health_module.draw_ratios
+    monkeypatch.setattr(
+        health_module, "draw_ratios", lambda ax, health, colours: drawn.append(original(ax, health, colours) or ax)
+    )
+    assert draw_health([record, {**record, "iter": 2}], str(tmp_path / "h.png"))
+    labels = [line.get_label() for line in drawn[0].get_lines()]
+    assert "AdamW: -3, the makemore rule of thumb" in labels and any(label.startswith("Muon: log10(lr)") for label in labels)
+    assert "block 0 (Muon)" in labels and "embedding (AdamW)" in labels
 
 
 def test_attention_with_zero_queries_and_keys_is_uniform():

@@ -35,6 +35,19 @@ def sample(*args, cwd=None):
     )
 
 
+def test_sample_says_what_it_loaded_on_stderr_and_keeps_stdout_for_the_text(trained):
+    from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
+
+    best = load_checkpoint(str(trained / "best.pt"))
+    params = model_from_checkpoint(best)[0].num_params()
+    result = sample(f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=20", "--threads=1")
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.splitlines() == [
+        f"{trained / 'best.pt'}: gpt, {params:,} parameters, step {best['iter_num']}, best val loss {best['best_val_loss']:.4f}"
+    ]
+    assert result.stdout.startswith("ROMEO:") and len(result.stdout) == len("ROMEO:") + 20 + 1
+
+
 def test_sample_prints_text(trained):
     result = sample("--out_dir", str(trained), "--start", "ROMEO:", "--max_new_tokens", "80", "--seed=3")
     assert result.returncode == 0, result.stderr
@@ -62,7 +75,7 @@ def test_sample_with_a_temperature_and_top_p_that_underflow_is_greedy(trained):
     text is the greedy one, not a traceback."""
     flags = [f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=30", "--decode_dtype=float32"]
     tiny = sample(*flags, "--temperature=1e-310", "--top_p=5e-324")
-    assert tiny.returncode == 0 and tiny.stderr == "", tiny.stderr
+    assert tiny.returncode == 0 and tiny.stderr.startswith(f"{trained / 'best.pt'}: gpt, "), tiny.stderr
     assert tiny.stdout == sample(*flags, "--temperature=0").stdout
 
 
@@ -257,14 +270,31 @@ def test_a_busy_core_is_left_to_the_program_on_it(trained, capsys, monkeypatch):
 
     flags = [f"--out_dir={trained}", "--start=ROMEO:", "--max_new_tokens=40", "--seed=3"]
     code, alone, err = run_main(capsys, *flags, "--threads=1")
-    assert code == 0 and err == ""
+    loaded = f"{trained / 'best.pt'}: gpt, "  # the line that says what was loaded
+    assert code == 0 and err.startswith(loaded) and len(err.splitlines()) == 1
     monkeypatch.setattr(machine, "CpuShare", BusyElsewhere)
     monkeypatch.setattr(machine.torch, "get_num_threads", lambda: 2)  # a 2-core machine, whatever this one is
     code, out, err = run_main(capsys, *flags)
     assert code == 0 and out == alone  # the same text, on the core left free
-    assert err == "threads: 1 of 2 (other programs keep 1.0 cores busy; --threads=N fixes it)"
+    assert err.splitlines()[1:] == ["threads: 1 of 2 (other programs keep 1.0 cores busy; --threads=N fixes it)"]
 
 
 def test_a_negative_number_of_threads_is_an_error(trained, capsys):
     code, out, err = run_main(capsys, f"--out_dir={trained}", "--threads=-1")
     assert code == 1 and err == "sample.py: error: --threads must be 0 (automatic) or more, got -1"
+
+
+def test_without_out_dir_the_error_names_the_run_folders_there_are(tmp_path):
+    """`python sample.py` alone looks for out/; when only other run folders exist it names
+    them (one level down too), and a mistyped --out_dir gets the close one."""
+    for folder, name in (("out-cpu", "best.pt"), ("out-lecture/3_multi_head", "ckpt.pt"), ("notes", "x.txt")):
+        (tmp_path / folder).mkdir(parents=True)
+        (tmp_path / folder / name).write_text("not read")
+    result = sample(cwd=tmp_path)
+    assert result.returncode == 1 and result.stdout == ""
+    assert result.stderr.strip() == (
+        "sample.py: error: --out_dir out does not exist; the run folders here: out-cpu, out-lecture/3_multi_head "
+        "(pass one with --out_dir)"
+    )
+    result = sample("--out_dir=out-cpy", cwd=tmp_path)
+    assert result.stderr.strip() == "sample.py: error: --out_dir out-cpy does not exist (did you mean --out_dir=out-cpu?)"

@@ -1163,6 +1163,17 @@ def test_the_health_panel_shows_the_runs_health_records(server, trained):
                 assert (shown is None) if value is None else float(shown) == value
         for canvas in ("health-act", "health-grad", "health-ratio", "health-entropy"):
             assert driver.find_element(By.ID, canvas).is_displayed()
+        # the histograms' centre tick: a float sum's 8.9e-16 reads 0, a real value as it is
+        for canvas in ("health-act", "health-grad"):
+            assert "e-1" not in driver.find_element(By.ID, canvas).get_attribute("data-xticks")
+        heads = len(last["entropy"][0])
+        assert (
+            driver.find_element(By.ID, "health-entropy-legend").text.split()
+            == " ".join(f"head {h}" for h in range(heads)).split()
+        )
+        muon = any(m["muon"] for m in last["matrices"])
+        caption = driver.find_element(By.ID, "health-ratio-caption").text
+        assert ("Muon's fixed-size step" in caption) == muon and "makemore rule for AdamW" in caption
         assert driver.find_element(By.ID, "health-status").text == "no warnings"
 
         # a warning the run writes shows up at the next poll

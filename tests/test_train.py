@@ -286,3 +286,92 @@ def test_files_a_run_writes_get_the_users_permissions(data_dir, tmp_path):
     written += [tmp_path / "o" / n for n in ("ckpt.pt", "best.pt", "loss.png", "config.json", "metrics.jsonl", "samples.txt")]
     for path in written:
         assert oct(path.stat().st_mode & 0o777) == oct(0o640), path
+
+
+def test_ctrl_c_prints_a_command_that_resumes_from_the_folder_alone(data_dir, tmp_path, monkeypatch, capsys):
+    """Ctrl-C at step 7 prints the whole command that continues the run; run as printed, with
+    nothing repeated (no config file, no model or optimizer flags), it takes the settings
+    from the checkpoint and ends with the weights of a run that was never stopped."""
+    import shlex
+
+    kw = dict(optimizer="muon", dropout=0.1, eval_interval=10, max_iters=30, sample_chars=0, eval_sample_chars=0)
+    train.main(tiny_flags(data_dir, tmp_path / "a", **kw))
+    logged = train.log_step
+
+    def ctrl_c_at_step_7(run, loss, lr):
+        logged(run, loss, lr)
+        if run.iter_num == 7:
+            os.kill(os.getpid(), signal.SIGINT)  # what Ctrl-C sends; the loop saves at the next step boundary
+
+    monkeypatch.setattr(train, "log_step", ctrl_c_at_step_7)
+    assert train.main(tiny_flags(data_dir, tmp_path / "b", **kw)) == 128 + signal.SIGINT
+    monkeypatch.setattr(train, "log_step", logged)
+    said = capsys.readouterr().out
+    command = re.search(r"SIGINT: saved \S+ at step 7; continue with: (.*)", said).group(1)
+    argv = shlex.split(command)
+    assert argv[:2] == ["python", "train.py"] and argv[2:] == [f"--out_dir={tmp_path / 'b'}", "--init_from=resume"]
+    assert train.main(argv[2:]) == 0
+    assert "resuming from" in capsys.readouterr().out
+    a = load_checkpoint(str(tmp_path / "a" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "b" / "ckpt.pt"))
+    assert b["iter_num"] == 30 and b["train_config"]["optimizer"] == "muon"
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_a_resume_takes_the_runs_settings_and_flags_override_them(data_dir, tmp_path):
+    """The stored settings are the base of a resume: a flag still wins where a resume allows a
+    change (a longer max_iters), and is refused, naming it, where it does not (another shape)."""
+    train.main(tiny_flags(data_dir, tmp_path / "o", max_iters=10, eval_interval=5, sample_chars=0, overwrite=True))
+    out = f"--out_dir={tmp_path / 'o'}"
+    config, model_config = train.read_settings([out, "--init_from=resume", "--max_iters=16"])
+    assert (config.max_iters, config.eval_interval, config.batch_size, config.dataset) == (16, 5, 8, "tiny")
+    assert (model_config.n_embd, model_config.n_layer, config.overwrite) == (32, 2, False)
+    assert train.main([out, "--init_from=resume", "--max_iters=16"]) == 0
+    assert load_checkpoint(str(tmp_path / "o" / "ckpt.pt"))["iter_num"] == 16
+    with pytest.raises(ValueError, match="--n_embd=64 does not match n_embd=32"):
+        train.train(*train.read_settings([out, "--init_from=resume", "--max_iters=20", "--n_embd=64"]), log=lambda m: None)
+
+
+def test_the_start_says_what_the_run_costs_and_a_long_cpu_run_points_at_the_small_recipe(data_dir, tmp_path, monkeypatch):
+    """With a clock slowed to 30 s between its readings, a step and an eval batch time at
+    30 s: 40 steps and 3 evals of 2 x 5 batches are 35 minutes, so the line says so and names
+    the CPU recipe; with the true clock the same run is quick and says nothing more."""
+    import itertools
+
+    _, log = run(data_dir, tmp_path / "quick", sample_chars=0)
+    cost = [line for line in log.splitlines() if line.startswith("cost: ")]
+    assert len(cost) == 1 and "40 steps of" in cost[0] and "3 evals of 2 x 5 batches" in cost[0]
+    assert "shakespeare_char_cpu" not in cost[0]
+    ticks = itertools.count(0.0, 30.0)
+    monkeypatch.setattr(train, "clock", lambda: next(ticks))
+    _, log = run(data_dir, tmp_path / "slow", sample_chars=0)
+    cost = next(line for line in log.splitlines() if line.startswith("cost: "))
+    assert cost.startswith("cost: about 35m00s here (cpu): 40 steps of 30,000 ms (the first ones, timed)"), cost
+    assert cost.endswith("Something small first (a model in about a minute): python train.py config/shakespeare_char_cpu.py")
+    # with a 10-minute budget the budget ends it first: (600 s - 3 evals of 300 s) buys no step at 30 s
+    _, log = run(data_dir, tmp_path / "budget", sample_chars=0, time_budget=10.0)
+    cost = next(line for line in log.splitlines() if line.startswith("cost: "))
+    assert cost.startswith("cost: about 10m00s here") and "the 10-minute budget ends it first, after about 0 of them" in cost
+
+
+def test_timing_the_first_steps_changes_nothing_in_the_run(data_dir, tmp_path, monkeypatch):
+    """The cost line's timed passes put the random streams back and drop their gradients:
+    the run ends with the weights of a run without them, bit for bit (dropout on)."""
+    kw = dict(dropout=0.1, max_iters=20, eval_interval=10, sample_chars=0)
+    run(data_dir, tmp_path / "timed", **kw)
+    monkeypatch.setattr(train, "time_a_step", lambda run: (0.001, 0.001))
+    run(data_dir, tmp_path / "untimed", **kw)
+    a = load_checkpoint(str(tmp_path / "timed" / "ckpt.pt"))
+    b = load_checkpoint(str(tmp_path / "untimed" / "ckpt.pt"))
+    assert all(torch.equal(a["model"][k], b["model"][k]) for k in a["model"])
+
+
+def test_the_opening_lines_name_a_constant_learning_rate_and_what_each_loss_line_is(data_dir, tmp_path):
+    """The lecture's stages keep the learning rate constant (min_lr = learning_rate, no
+    warmup): the log says so, not 'cosine schedule after 0 warmup steps'; and it says once
+    which loss line is the estimate and which one batch."""
+    _, log = run(data_dir, tmp_path / "c", max_iters=4, eval_interval=2, sample_chars=0, min_lr=3e-3, warmup_iters=0)
+    assert "AdamW lr 0.003, constant (min_lr = learning_rate, no warmup)" in log and "cosine" not in log
+    assert "log: 'step N: train loss, val loss' is the estimate, the mean over eval_iters=5 batches" in log
+    _, log = run(data_dir, tmp_path / "s", max_iters=4, eval_interval=2, sample_chars=0)
+    assert "cosine schedule after 5 warmup steps" in log
