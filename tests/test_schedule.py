@@ -122,10 +122,12 @@ def test_budget_change_on_resume_is_a_note():
     assert "max_iters (no time budget)" in note and "--time_budget=1.5" in note
 
 
-def test_budget_progress_line_shows_the_time_left(tmp_path):
+def test_budget_progress_line_shows_the_time_left(tmp_path, monkeypatch):
     """The time left: the budget's, or the steps' to max_iters when they will end the run first."""
     lines, terminal = [], io.StringIO()
-    start = metrics.time.time() - 5.0
+    now = metrics.time.time()
+    monkeypatch.setattr(metrics.time, "time", lambda: now)  # a stopped clock: a busy machine moves no figure
+    start = now - 5.0
     report = metrics.Reporter(str(tmp_path), lines.append, terminal, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
     report.t_loop -= 5.0  # 10 steps in 5 s: 5,000 would take 40 minutes, so the budget ends first
     report.show_live(10, 2.5, 1e-3)

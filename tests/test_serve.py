@@ -854,7 +854,8 @@ def test_ctrl_c_with_a_stream_and_a_queue_open_exits_cleanly(trained, sig, preex
     """Python exiting while a generation's thread is inside PyTorch aborted the process
     ("terminate called without an active exception", exit status -6); a SIGINT that the
     parent ignored was ignored by serve.py too, which then never exited."""
-    process, port, _ = serve_process(trained, "--decode_dtype=float32", "--max_generations=1", preexec_fn=preexec_fn)
+    process, port, err = serve_process(trained, "--decode_dtype=float32", "--max_generations=1", preexec_fn=preexec_fn)
+    assert port is not None, f"serve.py did not start: {err}"
     try:
         body = json.dumps({"prompt": "KING:", "max_new_tokens": 5000}).encode()
         with (
@@ -894,7 +895,8 @@ def test_the_open_files_limit_sets_the_connection_cap_and_too_low_a_one_is_refus
     def limit(n):
         return lambda: resource.setrlimit(resource.RLIMIT_NOFILE, (n, n))
 
-    process, port, _ = serve_process(trained, preexec_fn=limit(256))  # macOS's default
+    process, port, err = serve_process(trained, preexec_fn=limit(256))  # macOS's default
+    assert port is not None, f"serve.py did not start: {err}"
     try:
         status, _, info = call(type("At", (), {"server_address": ("127.0.0.1", port)}), "GET", "/api/info")
         cap = info["limits"]["max_connections"]
