@@ -17,6 +17,7 @@
     rundir.py        one run per out_dir, and never a new run over a trained model
     atomic.py        files written whole or not at all
     turns.py         the playground's turns at the model: generations at once, and a queue for the rest
+    connections.py   the playground's connections: held by an event loop until the request is in, then a thread each
     playground.html  the page serve.py serves
 
 The network itself is model.py at the top, as the lecture writes it; nothing here is needed

@@ -24,6 +24,7 @@ import train
 from chargpt.atomic import write_atomic
 from chargpt.checkpoint import save_checkpoint
 from chargpt.config import SampleConfig
+from chargpt.connections import FEW_CONNECTIONS, MAX_CONNECTIONS
 from chargpt.engine import generate_tokens
 from chargpt.metrics import read_records
 from conftest import ROOT, tiny_configs, train_tiny
@@ -167,7 +168,7 @@ def test_page_and_info(server):
         "max_connections": server.max_connections,
         "timeout": 10.0,
     }
-    assert 8 <= server.max_connections <= serve.MAX_CONNECTIONS  # as many as this process's open files allow
+    assert 8 <= server.max_connections <= MAX_CONNECTIONS  # as many as this process's open files allow
     assert info["generations"] == {"computing": 0, "waiting": 0}
 
 
@@ -900,7 +901,7 @@ def test_the_open_files_limit_sets_the_connection_cap_and_too_low_a_one_is_refus
     try:
         status, _, info = call(type("At", (), {"server_address": ("127.0.0.1", port)}), "GET", "/api/info")
         cap = info["limits"]["max_connections"]
-        assert status == 200 and serve.FEW_CONNECTIONS <= cap < 256
+        assert status == 200 and FEW_CONNECTIONS <= cap < 256
         # one more idle connection than the cap: the first is closed for it, and a normal client is still served
         idle = [socket.create_connection(("127.0.0.1", port), timeout=60) for _ in range(cap + 1)]
         assert read_reply(idle[0])[0] == 503
