@@ -2,6 +2,7 @@
 their steps are in metrics.jsonl, and a resumed run spends only what is left."""
 
 import io
+import itertools
 import json
 import math
 import re
@@ -10,7 +11,7 @@ import pytest
 import torch
 
 import train
-from chargpt import metrics
+from chargpt import health, metrics
 from chargpt.checkpoint import budget_change_note, load_checkpoint
 from chargpt.config import TrainConfig
 from chargpt.schedule import SAFETY, RunProgress, get_lr, schedule_lr, step_progress
@@ -125,8 +126,10 @@ def test_budget_change_on_resume_is_a_note():
 def test_budget_progress_line_shows_the_time_left(tmp_path, monkeypatch):
     """The time left: the budget's, or the steps' to max_iters when they will end the run first."""
     lines, terminal = [], io.StringIO()
+    # a clock that moves a millisecond a reading, whatever the machine does: "elapsed 5s" stays 5s
+    ticks = itertools.count()
     now = metrics.time.time()
-    monkeypatch.setattr(metrics.time, "time", lambda: now)  # a stopped clock: a busy machine moves no figure
+    monkeypatch.setattr(metrics.time, "time", lambda: now + next(ticks) * 1e-3)
     start = now - 5.0
     report = metrics.Reporter(str(tmp_path), lines.append, terminal, 0, 5000, 128, resume=False, time_budget=60.0, t_start=start)
     report.t_loop -= 5.0  # 10 steps in 5 s: 5,000 would take 40 minutes, so the budget ends first
@@ -159,8 +162,10 @@ def steady():
 
 
 def budget_run(data_dir, out_dir, monkeypatch, **overrides):
-    # the plot's first drawing costs matplotlib's import, a second on a busy machine: not what these tests are about
+    # the plots' first drawing costs matplotlib's import, a second on a busy machine: not what these tests are
+    # about (health.png is drawn after the run's last record, outside the time it counts)
     monkeypatch.setattr(metrics, "plot_losses", lambda *args: True)
+    monkeypatch.setattr(health, "draw_health", lambda *args: True)
     lines = []
     # max_iters far away: the budget ends these runs
     kw = dict(time_budget=0.05, max_iters=100_000, eval_interval=50, eval_iters=2, sample_chars=50, eval_sample_chars=0)
