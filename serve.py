@@ -76,7 +76,7 @@ from http.server import BaseHTTPRequestHandler
 import torch
 
 from chargpt import connections
-from chargpt.checkpoint import load_checkpoint, model_from_checkpoint
+from chargpt.checkpoint import describe, load_checkpoint, model_from_checkpoint
 from chargpt.config import DECODE_DTYPE_NAMES, HelpRequested, SampleConfig, check_choice, knob, parse
 from chargpt.connections import MAX_BODY_BYTES, MAX_CONNECTIONS, RequestReader, check_open_files
 from chargpt.engine import generate_tokens, resolve_decode_dtype
@@ -243,6 +243,7 @@ class Loaded:
         self.path, self.stamp = path, stamp
         self.model, self.tokenizer = model_from_checkpoint(checkpoint, device, path)
         self.has_attention = hasattr(self.model, "attention_maps")  # the bigram model has none
+        self.description = describe(path, checkpoint, self.model)  # the line sample.py prints too
         mc = self.model.config
         best = checkpoint.get("best_val_loss")
         best = best if best is not None and math.isfinite(best) else None  # inf before the first eval; JSON has no inf
@@ -262,12 +263,6 @@ class Loaded:
             "has_attention": self.has_attention,
             "decode_dtype": str(resolve_decode_dtype(decode_dtype, self.model)).removeprefix("torch."),
         }
-
-    def describe(self):
-        """'out/best.pt: gpt, 112,193 parameters, step 1500, best val loss 1.7410'"""
-        info = self.info
-        loss = "" if info["best_val_loss"] is None else f", best val loss {info['best_val_loss']:.4f}"
-        return f"{self.path}: {info['model_type']}, {info['params']:,} parameters, step {info['iter_num']}{loss}"
 
 
 class Playground:
@@ -369,7 +364,7 @@ class Playground:
                 return self.loaded
             self.failed, self.notice = None, None
             if not at_start:  # main() says what it started with, once it listens
-                self.log(f"new checkpoint: {self.loaded.describe()}")
+                self.log(f"new checkpoint: {self.loaded.description}")
             return self.loaded
         finally:
             self.loading.release()
@@ -932,7 +927,7 @@ def main(argv=None):
     if playground.loaded is None:
         log(f"{playground.notice}: the page shows the run's metrics until best.pt or ckpt.pt lands")
     else:
-        log(playground.loaded.describe())
+        log(playground.loaded.description)
     slots = playground.turns.slots
     log(f"{limits}; generations: {slots} computing at once (--max_generations), {config.max_queue} waiting (--max_queue)")
     if not server.loopback:
