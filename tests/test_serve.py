@@ -593,11 +593,17 @@ def test_a_long_answer_to_a_client_that_reads_steadily_outlasts_the_timeout(trai
         assert json.loads(reply.partition(b"\r\n\r\n")[2])["padding"] == "x" * 8_000_000
 
 
+def held(server):
+    """The bytes each connection still arriving has sent, as the event loop has received them."""
+    return sorted(len(a.data) for a in list(server.arriving.values()))
+
+
 def test_at_max_connections_the_connection_that_sent_least_for_longest_makes_room(trained):
     with running(trained, max_connections=3, timeout=60) as server:
         half = b"GET /api/info HTTP/1.1\r\n"  # a request that never ends
         idle = [send_raw(server, data) for data in (half, b"", half)]
-        wait_for(lambda: len(server.arriving) == 3, "three connections held")
+        # held, and what each sent received (the loop may take a connection before its bytes)
+        wait_for(lambda: held(server) == [0, len(half), len(half)], "three connections held, their bytes received")
         assert call(server, "GET", "/api/info")[0] == 200  # the newcomer is served ...
         status, headers, body = read_reply(idle[1])  # ... and the one that sent nothing was closed for it
         answer = json.loads(body)
@@ -607,7 +613,7 @@ def test_at_max_connections_the_connection_that_sent_least_for_longest_makes_roo
         # of those that sent as much, the oldest goes
         wait_for(lambda: server.open_connections() == 2, "the newcomer's answer done")
         idle.append(send_raw(server, half))
-        wait_for(lambda: len(server.arriving) == 3, "three connections held")
+        wait_for(lambda: held(server) == [len(half)] * 3, "three connections held, their bytes received")
         assert call(server, "GET", "/api/info")[0] == 200
         assert read_reply(idle[0])[0] == 503
         assert {a.address[1] for a in server.arriving.values()} == {c.getsockname()[1] for c in idle[2:]}
