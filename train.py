@@ -274,6 +274,8 @@ def say_the_cost(run, step_seconds, batch_seconds):
         bought = max(0, int((config.time_budget * 60 - evals * 2 * config.eval_iters * batch_seconds) / step_seconds))
         ends = f"; the {config.time_budget:g}-minute budget ends it first, after about {min(bought, steps):,} of them"
         total = config.time_budget * 60
+    if config.time_budget and total > 0.5 * config.time_budget * 60:
+        run.report.prepare_to_draw()  # the budget may end it: its evals' times must not include the import
     small = ""
     if run.device == "cpu" and total > SUGGEST_SMALL:
         small = f". Something small first (a model in about a minute): {SMALL_RECIPE}"

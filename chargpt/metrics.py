@@ -40,8 +40,10 @@ from chargpt.atomic import write_atomic
 from chargpt.rundir import resume_command
 
 LIVE_UPDATE_SECONDS = 0.2  # how often the terminal line is redrawn, at most
-PLOT_SECONDS = 10.0
-FEW_STEPS = 0.75  # a budget that buys fewer than this fraction of max_iters says so at the end  # how often loss.png is redrawn, at most, before the last eval
+# how often loss.png is redrawn before the last eval, at most: a drawing takes 0.3-0.4 s on a
+# 2-core CPU, so a half-minute run draws it once, at its end
+PLOT_SECONDS = 30.0
+FEW_STEPS = 0.75  # a budget that buys fewer than this fraction of max_iters says so at the end
 
 
 def format_duration(seconds):
@@ -184,9 +186,6 @@ class Reporter:
         if write_files:
             with open(self.metrics_path, "w", encoding="utf-8") as f:  # afresh, or cut at the resume point
                 f.writelines(json.dumps(r) + "\n" for r in self.records)
-            # now rather than inside the first eval: a time-budget run plans its end with the
-            # time that eval took, and the import is paid once (a 12-s run reserved 0.9 s too much)
-            import_matplotlib()
         if elapsed_before is None:
             elapsed_before = self.records[-1].get("elapsed", 0.0) if self.records else 0.0
         self.elapsed_before = elapsed_before
@@ -196,6 +195,15 @@ class Reporter:
         self.t_plot = self.t_loop  # the first drawing waits PLOT_SECONDS, or the last eval
         self.t_mark, self.iter_mark = self.t_loop, start_iter  # where the live line's tokens/s counts from
         self.t_last, self.iter_last = self.t_loop, start_iter  # where the logged ms/iter counts from
+
+    def prepare_to_draw(self):
+        """Import matplotlib now (about a second on a 2-core CPU) rather than at the first
+        drawing: for a run that a time budget may end, which plans its end with the time its
+        last eval took, and an eval that imported would make it stop early (a 12-s run
+        reserved 0.9 s too much). Other runs pay it at their first drawing, which for a short
+        run is its last: its losses are printed a second sooner."""
+        if self.write_files:
+            import_matplotlib()
 
     # -- time
 
@@ -285,8 +293,7 @@ class Reporter:
 
     def eval(self, iter_num, losses, best_val_loss, sample=None, last=False):
         """After an eval: its metrics entry, the sample printed below it, and loss.png: redrawn
-        at the last eval, and before it at most every PLOT_SECONDS (a drawing costs about
-        0.1 s, a tenth of a second-long step budget's eval)."""
+        at the last eval, and before it at most every PLOT_SECONDS."""
         self._write(
             {
                 "type": "eval",
