@@ -5,8 +5,9 @@ steps, a 12-second command on 2 quiet cores.
 number of steps matters most, so the model is tiny, the batch small and the learning
 rates high; Muon (chargpt/muon.py) on the Blocks' matrices gets far more out of each step
 than AdamW. Besides Muon it uses rotary positions, QK-norm, no biases, and a
-warmup-stable-decay schedule down to 0 (the README's option table): each was measured at a
-fixed number of steps over 3 seeds, and kept if it won per second (docs/results.md).
+warmup-stable-decay schedule down to 0, the decay over the last 80% of the steps (the
+README's option table): each was measured at a fixed number of steps over 3 seeds, and
+kept if it won per second (docs/results.md).
 
 Why 1,000 steps and not a fixed time: a learner's laptop is often busy (a browser, a
 video), and a time budget then buys a fraction of the steps: 22 steps and gibberish on one
@@ -42,7 +43,7 @@ batch_size = 16
 max_iters = 1000
 time_budget = 3.0  # minutes: a cap for a very slow machine (see above)
 lr_schedule = "wsd"
-cooldown_frac = 0.8  # the decay from step 200: val 1.88 some 100 steps sooner, the end as good (docs/results.md)
+cooldown_frac = 0.8  # the decay from step 200: val 1.88 some 100 steps sooner than at 0.3, the end as good
 min_lr = 0.0
 warmup_iters = 50
 
