@@ -28,8 +28,8 @@ later ones (written after that checkpoint, by a run that then died) and the "don
 of a run it extends, and appends, so the file reads as one run.
 
 loss.png plots train and val loss against the step, with the best val loss marked; it is
-redrawn at every eval. matplotlib is optional: without it the plot is skipped with a
-one-time note.
+redrawn at an eval at most every PLOT_SECONDS (30 s, as health.png) and at the last one.
+matplotlib is optional: without it the plot is skipped with a one-time note.
 """
 
 import json
