@@ -16,13 +16,15 @@ The lecture reaches this Block in steps, and GPTConfig can take each one back: n
 FeedForward or a narrow one (ffwd_mult), no projections back into the stream (proj), no
 residual connections (residual), no LayerNorm (layer_norm). The defaults are the finished
 model; config/lecture/ holds one config per step, and ladder.py trains them all. Options
-from recent speed records of small GPTs (activation, position, qk_norm, bias) are off by
-default too; the README says which recipe uses which.
+from recent speed records of small GPTs (activation, position, qk_norm, bias, zero_proj)
+are off by default too; the README says which recipe uses which.
 
 Weights: every Linear and Embedding starts at N(0, 0.02); the two projections that write
 into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream does not
 grow with depth; lm_head starts at zero so that the loss at init is exactly ln(vocab_size)
-(the lecture's model starts at 4.87 instead of ln(65) = 4.17). init='pytorch' keeps
+(the lecture's model starts at 4.87 instead of ln(65) = 4.17). With zero_proj those two
+projections start at zero instead: every Block starts as the identity, and its branches
+grow from nothing as the projections learn. init='pytorch' keeps
 PyTorch's own initial weights instead, as the video did (the small stages learn much
 faster that way). The token embedding and lm_head are NOT tied, as in the lecture.
 
@@ -67,6 +69,7 @@ class GPTConfig:
     position: str = knob("learned", "'learned': a position table (the lecture); 'rotary': q and k rotated by position (RoPE)")
     qk_norm: bool = knob(False, "scale each head's queries and keys to unit RMS before their dot product")
     bias: bool = knob(True, "a bias in the Linear layers and LayerNorms (False: none, as in recent GPTs)")
+    zero_proj: bool = knob(False, "the projections into the residual stream start at zero: each Block starts as the identity")
 
     def validate(self):
         """Raise ValueError naming the flag for a config that cannot build a model."""
@@ -91,6 +94,10 @@ class GPTConfig:
                 raise ValueError(f"--{key} must be in [0, 1), got {getattr(self, key)}")
         if self.ffwd_mult < 0:
             raise ValueError(f"--ffwd_mult must be 0 or more, got {self.ffwd_mult}")
+        if self.zero_proj and self.init != "normal":
+            raise ValueError(f"--zero_proj=True sets initial weights: not with --init={self.init}, which keeps PyTorch's own")
+        if self.zero_proj and not self.proj:
+            raise ValueError("--zero_proj=True zeroes the projections into the residual stream: there are none with --proj=False")
         if not self.proj and self.ffwd_mult > 1:
             raise ValueError(
                 f"--ffwd_mult={self.ffwd_mult} needs --proj=True: without the projection back, "
@@ -333,7 +340,9 @@ class GPT(LanguageModel):
                 nn.init.zeros_(module.bias)
         for block in self.blocks:
             for residual_proj in block.projections():
-                nn.init.normal_(residual_proj.weight, mean=0.0, std=0.02 / math.sqrt(2 * self.config.n_layer))
+                # std 0 for zero_proj: it still draws, so every other weight is as without it
+                std = 0.0 if self.config.zero_proj else 0.02 / math.sqrt(2 * self.config.n_layer)
+                nn.init.normal_(residual_proj.weight, mean=0.0, std=std)
         nn.init.zeros_(self.lm_head.weight)
 
     def forward(self, idx, targets=None):

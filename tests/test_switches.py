@@ -58,6 +58,7 @@ SWITCHES = {
     "position": {"position": "rotary"},
     "qk_norm": {"qk_norm": True},
     "bias": {"bias": False},
+    "zero_proj": {"zero_proj": True},
 }
 
 
@@ -283,6 +284,50 @@ def test_squared_relu():
     fc, fc2 = ffwd.net[0], ffwd.net[2]
     torch.testing.assert_close(ffwd(x), fc2(F.relu(fc(x)) ** 2))
     assert model.num_params() == expected_params()
+
+
+def test_zero_proj_starts_every_block_as_the_identity_and_changes_nothing_else():
+    torch.manual_seed(0)
+    plain = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=NH, n_embd=C, bias=False))
+    torch.manual_seed(0)
+    zeroed = GPT(GPTConfig(block_size=T, vocab_size=V, n_layer=L, n_head=NH, n_embd=C, bias=False, zero_proj=True))
+    projections = {n for n, p in zeroed.named_parameters() if any(p is q.weight for b in zeroed.blocks for q in b.projections())}
+    assert len(projections) == 2 * L
+    for n, p in zeroed.named_parameters():  # the same random draws: only the projections differ
+        if n in projections:
+            assert not p.any() and plain.get_parameter(n).any()
+        else:
+            assert torch.equal(p, plain.get_parameter(n)), n
+    x = torch.randn(2, T, C)
+    for b_zeroed, b_plain in zip(zeroed.blocks, plain.blocks):
+        assert torch.equal(b_zeroed(x), x) and not torch.allclose(b_plain(x), x)
+
+
+def test_zero_proj_learns_its_way_off_zero():
+    """lm_head starts at zero too, so the first step's gradient reaches lm_head only; from
+    the second the projections learn."""
+    model = build(zero_proj=True, bias=False).train()
+    torch.nn.init.zeros_(model.lm_head.weight)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    idx = torch.randint(0, V, (4, T), generator=torch.Generator().manual_seed(4))
+    losses = []
+    for _ in range(5):
+        _, loss = model(idx[:, :-1], idx[:, 1:])
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert all(q.weight.abs().max() > 1e-3 for b in model.blocks for q in b.projections())
+    assert losses[-1] < losses[0]
+
+
+@pytest.mark.parametrize(
+    "switches, message",
+    [(dict(init="pytorch"), "not with --init=pytorch"), (dict(proj=False, ffwd_mult=1), "none with --proj=False")],
+)
+def test_zero_proj_needs_the_projections_and_the_normal_init(switches, message):
+    with pytest.raises(ValueError, match=f"--zero_proj=True .*{message}"):
+        GPT(GPTConfig(vocab_size=V, zero_proj=True, **switches))
 
 
 def test_without_bias_the_model_is_the_one_with_zero_biases():
