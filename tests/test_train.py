@@ -97,12 +97,17 @@ def test_save_load_gives_identical_logits(tmp_path):
     assert tokenizer.chars == "abcdefg"
 
 
-@pytest.mark.parametrize("optimizer", ["adamw", "muon"])
-def test_resume_is_exact(data_dir, tmp_path, optimizer):
+# the CPU recipe's model options (config/shakespeare_char_cpu.py), on the tiny model
+RECIPE_OPTIONS = dict(position="rotary", qk_norm=True, bias=False, zero_proj=True)
+
+
+@pytest.mark.parametrize("optimizer, options", [("adamw", {}), ("muon", {}), ("muon", RECIPE_OPTIONS)])
+def test_resume_is_exact(data_dir, tmp_path, optimizer, options):
     """Stopped at step 10 and resumed to 30, the weights equal a run straight to 30, bit for bit,
-    with dropout on (so the RNG state must come back too), with either optimizer."""
+    with dropout on (so the RNG state must come back too), with either optimizer and with
+    the CPU recipe's model options."""
     # the schedule must not depend on where the run stops, so lr_decay_iters is pinned
-    kw = dict(dropout=0.1, eval_interval=10, max_iters=30, lr_decay_iters=30, sample_chars=0, optimizer=optimizer)
+    kw = dict(dropout=0.1, eval_interval=10, max_iters=30, lr_decay_iters=30, sample_chars=0, optimizer=optimizer, **options)
     run(data_dir, tmp_path / "a", **kw)
     run(data_dir, tmp_path / "b", **{**kw, "max_iters": 10})
     summary, log = run(data_dir, tmp_path / "b", **{**kw, "init_from": "resume"})
