@@ -51,7 +51,9 @@ def test_auto_times_the_candidates_and_returns_one(model):
     assert where == "timed" and name in decode_dtype.candidates(torch.device("cpu"))
     assert {"float32", "float16", "bfloat16"} <= set(costs) and all(step > 0 and build >= 0 for build, step in costs.values())
     total = {n: build + 100 * step for n, (build, step) in costs.items()}
-    assert total[name] == min(total.values())
+    # the simplest candidate within MARGIN of the fastest (timings this close are common)
+    within = [n for n in decode_dtype.SIMPLEST_FIRST if n in total and total[n] <= decode_dtype.MARGIN * min(total.values())]
+    assert name == within[0]
     timings = decode_dtype.time_decoders(model, ["float32", "int8"], 1)
     assert all(len(steps) == decode_dtype.ROUNDS and min(steps) > 0 for _, steps in timings.values())
     assert resolve_decode_dtype("auto", model) in DECODE_DTYPES.values()
