@@ -24,9 +24,9 @@ into the residual stream are scaled down by 1/sqrt(2 * n_layer) so the stream do
 grow with depth; lm_head starts at zero so that the loss at init is exactly ln(vocab_size)
 (the lecture's model starts at 4.87 instead of ln(65) = 4.17). With zero_proj those two
 projections start at zero instead: every Block starts as the identity, and its branches
-grow from nothing as the projections learn. init='pytorch' keeps
-PyTorch's own initial weights instead, as the video did (the small stages learn much
-faster that way). The token embedding and lm_head are NOT tied, as in the lecture.
+grow from nothing as the projections learn. init='pytorch' keeps PyTorch's own initial
+weights instead, as the video did (the small stages learn much faster that way). The
+token embedding and lm_head are NOT tied, as in the lecture.
 
 generate is the lecture's: the whole context again for every new character. The fast
 generation that sample.py and serve.py use (a KV cache, temperature, top-k, top-p) is
