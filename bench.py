@@ -3,6 +3,7 @@
     python bench.py train config/shakespeare_char.py     # the fast path vs a float32 eager reference
     python bench.py limit                                # each CPU recipe's step against the matmul peak, in one run
     python bench.py limit --profile=15                   # ... and the top operations of one step of each
+    python bench.py steps config/shakespeare_char.py --variant=--bias=False   # what an option costs a step, in turns
     python bench.py sizes                                # ms/iter and tokens/s over model sizes
     python bench.py loss config/shakespeare_char_cpu.py --target=1.88   # wall time to a val loss (into out-bench/)
     python bench.py versus --nanogpt=../nanoGPT          # the CPU recipe against nanoGPT's README CPU command, to 1.88
@@ -34,6 +35,7 @@ import argparse
 import dataclasses
 import os
 import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -322,6 +324,28 @@ def bench_limit(args, overrides):
         for path, config, model_config in recipes:
             print(f"\n{path}: the top {args.profile} operations of one step, by their own time")
             print(profile_step(config, model_config, args.profile))
+
+
+def bench_steps(args, overrides):
+    """What options cost a step: one recipe and variants of it (each --variant a string of
+    flags added to the recipe's), their training steps timed in rounds that take turns, each
+    figure the best of its rounds and its ratio to the recipe's, so that a machine whose speed
+    drifts is compared with itself. Set beside what each option buys a step (the loss at a
+    fixed step count), it says whether the option wins per second (docs/results.md)."""
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    variants = [""] + list(args.variant or [])
+    setups = [(variant, *load_configs(args.config, overrides + shlex.split(variant))) for variant in variants]
+    times = {variant: [] for variant in variants}
+    for _ in range(args.rounds):
+        for variant, config, model_config in setups:
+            times[variant].append(time_steps(config, model_config, args.iters, args.warmup)[0])
+    print(f"{args.config}, {torch.get_num_threads()} threads, {args.rounds} rounds taking turns of {args.iters} steps")
+    print("| variant | best ms/step | median ms/step | best against the recipe's |\n|---|---|---|---|")
+    base = min(times[""])
+    for variant in variants:
+        best, median = min(times[variant]), statistics.median(times[variant])
+        print(f"| {variant or '(the recipe)'} | {best:,.1f} | {median:,.1f} | {best / base:.2f}x |")
 
 
 def profile_step(config, model_config, top):
@@ -1007,6 +1031,13 @@ def main():
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument("--threads", type=int, default=0, help="torch's threads (0: as torch starts)")
     p.add_argument("--profile", type=int, default=0, help="then print the top N operations of one step of each recipe")
+    p = sub.add_parser("steps", help="what options cost a step: a recipe and variants of it, timed in turns")
+    p.add_argument("config")
+    p.add_argument("--variant", action="append", help='flags added to the recipe\'s, as one string: --variant="--bias=False"')
+    p.add_argument("--rounds", type=int, default=5)
+    p.add_argument("--iters", type=int, default=5)
+    p.add_argument("--warmup", type=int, default=2)
+    p.add_argument("--threads", type=int, default=0, help="torch's threads (0: as torch starts)")
     p = sub.add_parser("loss", help="wall time to a target val loss")
     p.add_argument("config", nargs="?")
     p.add_argument("--target", type=float, required=True)
@@ -1049,7 +1080,7 @@ def main():
     try:
         commands = {"train": bench_train, "sizes": bench_sizes, "loss": bench_loss, "sample": bench_sample, "limit": bench_limit}
         commands.update(memory=bench_memory, gpu=bench_gpu, health=bench_health, versus=bench_versus)
-        commands.update(classroom=bench_classroom, lens=bench_lens)
+        commands.update(classroom=bench_classroom, lens=bench_lens, steps=bench_steps)
         commands[args.what](args, overrides)
     except (ValueError, OSError) as e:
         print(f"bench.py: error: {e}", file=sys.stderr)

@@ -156,6 +156,36 @@ def test_bench_limit_sets_each_recipe_beside_the_matmul_peak(tmp_path):
     assert "the top 5 operations of one step" in out and "aten::mm" in out  # the profile names the matmuls
 
 
+def test_bench_steps_times_each_variant_against_the_recipe(tmp_path):
+    cfg = tmp_path / "tiny.py"
+    cfg.write_text("n_layer = 1\nn_head = 2\nn_embd = 32\nblock_size = 16\nbatch_size = 4\ndevice = 'cpu'\n")
+    out = bench(
+        "steps",
+        str(cfg),
+        "--variant=--bias=False",
+        "--variant=--batch_size=8 --n_embd=64",
+        "--rounds=2",
+        "--iters=1",
+        "--warmup=1",
+    )
+    rows = [line.split("|")[1:-1] for line in out.splitlines() if line.startswith("| ") and not line.startswith("| variant")]
+    assert [row[0].strip() for row in rows] == ["(the recipe)", "--bias=False", "--batch_size=8 --n_embd=64"]
+    assert rows[0][3].strip() == "1.00x"  # the recipe against itself
+    assert all(float(row[1].replace(",", "")) > 0 for row in rows)
+
+
+def test_bench_steps_names_a_variants_unknown_flag(tmp_path):
+    result = subprocess.run(
+        [sys.executable, os.path.join(ROOT, "bench.py"), "steps", "config/shakespeare_char_cpu.py", "--variant=--bais=False"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+    )
+    assert result.returncode == 1
+    assert result.stderr.strip() == "bench.py: error: unknown config key 'bais' (did you mean --bias?) (see --help for the list)"
+
+
 def test_matmul_peak_counts_the_flops_of_one_product():
     flops = bench_py.matmul_peak("float32", n=64, seconds=0.01)
     assert 1e6 < flops < 1e14  # 2 n^3 over a positive time: a plausible rate, whatever the machine
